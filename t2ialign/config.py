@@ -1,0 +1,304 @@
+"""Typed run configuration: YAML files, ``--set key=value`` overrides and validation.
+
+Every recipe (train, cache, sample, ...) takes one of these dataclasses, so the CLI, the tests and a
+notebook all drive the same code. Validation happens here, before any model is loaded, and every
+failure names the offending key and the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+from t2ialign.errors import UserFacingError
+
+
+class ConfigError(UserFacingError, ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # hub id or local diffusers directory
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. "fp16" to read *.fp16.safetensors
+    vae: Optional[str] = None  # override, e.g. "madebyollin/sdxl-vae-fp16-fix"
+    reference_dtype: str = "bf16"  # precision of the frozen reference UNet (full fine-tune)
+    attention: str = "sdpa"  # "sdpa" (PyTorch fused kernels) or "xformers"
+    local_files_only: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "yuvalkirstain/pickapic_v2"  # hub id, or a local parquet/arrow file or directory
+    split: str = "train"
+    streaming: bool = False
+    caption_column: str = "caption"
+    image_columns: list = field(default_factory=lambda: ["jpg_0", "jpg_1"])
+    label_columns: list = field(default_factory=lambda: ["label_0", "label_1"])
+    # per-image captions (DCPO); caption_columns[i] describes image_columns[i]
+    image_caption_columns: list = field(default_factory=lambda: ["caption_0", "caption_1"])
+    resolution: int = 1024
+    random_crop: bool = False
+    random_flip: bool = True
+    drop_ties: bool = True
+    max_rows: Optional[int] = None
+    min_image_size: int = 0  # rows whose image is smaller (shortest side) are skipped
+    model_names: Optional[list] = None  # keep rows whose model_0 and model_1 are in this list
+    drop_duplicates: bool = True
+    shuffle_seed: int = 0
+    strict: bool = False  # stop at the first bad row instead of skipping and counting
+    prompt_dropout: float = 0.0  # probability of replacing a pair's caption by "" (recipe: 0.2)
+    num_workers: int = 0
+    cache_dir: Optional[str] = None  # pre-encoded latents/text (``t2ialign cache``); then no VAE/text encoders
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: Optional[float] = None  # defaults to rank
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dpo"  # dpo | mapo | dcpo | inpo | sft (see t2ialign.objectives.OBJECTIVES)
+    beta: Optional[float] = None  # None: the objective's published default
+    params: dict = field(default_factory=dict)  # extra keyword arguments (e.g. snr_value for MaPO)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adamw8bit | adafactor
+    learning_rate: float = 1e-8
+    scale_lr: bool = False  # multiply by total pairs per optimizer step (the Diffusion-DPO convention)
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # constant | constant_with_warmup | linear | cosine
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = "runs/dpo"
+    seed: int = 0
+    max_steps: int = 2000  # optimizer steps
+    train_batch_size: int = 1  # preference pairs per micro-batch per process
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500  # optimizer steps; 0 disables periodic checkpoints
+    keep_last_checkpoints: int = 2
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    allow_tf32: bool = True
+    progress_bar: bool = True
+
+
+CHOICES: dict[str, tuple] = {
+    "model.reference_dtype": ("fp32", "fp16", "bf16"),
+    "model.attention": ("sdpa", "xformers"),
+    "optim.optimizer": ("adamw", "adamw8bit", "adafactor"),
+    "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "report_to": ("tensorboard", "wandb", "none"),
+}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _resolve_type(tp):
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, key: str):
+    base, optional = _resolve_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed here; give a value of type {getattr(base, '__name__', base)}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if base in (list, tuple) or typing.get_origin(base) in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if base is dict or typing.get_origin(base) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a did-you-mean."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(key, fields)}; allowed: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    data = dict(data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (example: --set optim.learning_rate=1e-5)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (copy one from the repository's configs/ folder)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _check_choice(config, dotted: str, allowed: tuple):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    if value not in allowed:
+        raise ConfigError(f"{dotted}: {value!r} is not allowed{_suggest(str(value), allowed)}; allowed: {', '.join(allowed)}")
+
+
+def validate_train_config(config: TrainConfig) -> TrainConfig:
+    from t2ialign.objectives import get_objective  # objectives are torch-only and cheap to import
+
+    for dotted, allowed in CHOICES.items():
+        _check_choice(config, dotted, allowed)
+    try:
+        spec = get_objective(config.objective.name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    positive = {
+        "max_steps": config.max_steps,
+        "train_batch_size": config.train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "data.resolution": config.data.resolution,
+        "lora.rank": config.lora.rank,
+        "optim.learning_rate": config.optim.learning_rate,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if config.data.resolution % 8:
+        raise ConfigError(f"data.resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.data.resolution}")
+    if not 0.0 <= config.data.prompt_dropout < 1.0:
+        raise ConfigError(f"data.prompt_dropout: must be in [0, 1), got {config.data.prompt_dropout}")
+    if config.keep_last_checkpoints < 1:
+        raise ConfigError(f"keep_last_checkpoints: must be at least 1, got {config.keep_last_checkpoints}")
+    if config.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every: must be >= 0 (0 disables), got {config.checkpoint_every}")
+    if config.max_bad_steps < 1:
+        raise ConfigError(f"max_bad_steps: must be at least 1, got {config.max_bad_steps}")
+    if len(config.data.image_columns) != 2 or len(config.data.label_columns) != 2:
+        raise ConfigError("data.image_columns and data.label_columns: need exactly two entries each (image 0, image 1)")
+    if not spec.needs_reference and "reference_dtype" in getattr(config, "_explicit_keys", set()):
+        raise ConfigError(
+            f"model.reference_dtype: objective '{spec.name}' is reference-free and loads no reference model; remove the key"
+        )
+    unknown = set(config.objective.params) - set(spec.param_names)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(
+            f"objective.params.{name}: not a parameter of '{spec.name}'{_suggest(name, spec.param_names)}; "
+            f"allowed: {', '.join(spec.param_names) or '(none)'}"
+        )
+    return config
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
+    """YAML file (or dict) + overrides -> validated TrainConfig."""
+    raw = dict(data or {})
+    if path is not None:
+        raw = load_yaml(path)
+    raw = apply_overrides(raw, overrides or [])
+    config = from_dict(TrainConfig, raw)
+    # remembered so validation can reject options the user set that the objective cannot use
+    config._explicit_keys = set(raw.get("model") or {})
+    return validate_train_config(config)

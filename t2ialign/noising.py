@@ -13,7 +13,12 @@ from torch import Tensor
 
 
 def sample_pair_noise(latents: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Gaussian noise for ``B`` winners, repeated for the ``B`` losers: shape of ``latents``."""
+    """Gaussian noise for ``B`` winners, repeated for the ``B`` losers: shape of ``latents``.
+
+    Drawn in fp32 (so a seed gives the same noise whatever the latent dtype), then cast.
+    """
+    if latents.shape[0] % 2:
+        raise ValueError(f"latents must hold winners then losers (an even batch), got {latents.shape[0]} samples")
     half = latents.shape[0] // 2
     eps = torch.randn(latents[:half].shape, generator=generator, device=latents.device, dtype=torch.float32)
     return eps.to(latents.dtype).repeat(2, 1, 1, 1)
@@ -47,7 +52,10 @@ def noisy_latents_and_target(scheduler, latents: Tensor, generator: Optional[tor
 
 
 def per_sample_error(prediction: Tensor, target: Tensor) -> Tensor:
-    """Mean over (C, H, W) of the squared error, in at least fp32: shape ``(N,)``."""
-    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    """Mean over (C, H, W) of the squared error, in at least fp32: shape ``(N,)``.
+
+    Half-precision inputs give fp32 errors; fp64 inputs (either of the two) give fp64.
+    """
+    dtype = torch.promote_types(torch.promote_types(prediction.dtype, target.dtype), torch.float32)
     diff = prediction.to(dtype) - target.to(dtype)
     return diff.pow(2).flatten(1).mean(dim=1)

@@ -80,8 +80,22 @@ def mapo_loss(
 ) -> ObjectiveOutput:
     """MaPO (Hong et al. 2024): reference-free, margin-aware preference optimisation.
 
-    ``loss = mean(m_w) - beta * mean(logsigmoid(T * (f(a m_w) - f(a m_l))))`` with f the bounded link.
+    ``loss = mean(m_w) - beta * mean(logsigmoid(T * (f(a m_w) - f(a m_l))))`` with
+    ``f(x) = x / (exp(x) - 1)`` (``a = snr_value``, ``T = num_train_timesteps``).
     For small errors ``T * margin ~ 250 * (m_l - m_w)``: a reference-free DPO with beta ~ 250.
+
+    Difference from the literal reference form: the authors' code evaluates ``x / (exp(x) - 1)``
+    literally, which is NaN (0/0) at exactly zero error and has an overflowing (NaN) gradient once
+    ``exp(x)`` overflows (``x > ~88`` in fp32, ``~709`` in fp64). ``_bounded_link`` instead uses
+    ``x / expm1(x)`` for ``1e-3 <= |x| <= 20`` (equal to the literal form up to rounding, and more
+    accurate than it for small ``x`` where ``exp(x) - 1`` cancels), the series
+    ``1 - x/2 + x^2/12 - x^4/720`` for ``|x| < 1e-3`` (truncation error below ``x^6/30240 < 4e-23``),
+    and ``x exp(-x) / (1 - exp(-x))`` for ``x > 20`` (an exact rewrite). So where the literal form is
+    finite the values agree to floating-point rounding; where it is NaN this gives the limits
+    ``f(0) = 1``, ``f'(0) = -1/2`` and ``f -> 0``, ``f' -> 0`` for huge errors.
+
+    Metrics: ``win_score = mean f(a m_w)``, ``lose_score = mean f(a m_l)``, ``margin_loss`` (the
+    ``-beta * mean logsigmoid`` term), ``implicit_acc`` (winner scores higher; ties count half).
     """
     win_score = _bounded_link(snr_value * model_err_w)
     lose_score = _bounded_link(snr_value * model_err_l)
@@ -164,6 +178,14 @@ def get_objective(name: str) -> ObjectiveSpec:
 def objective_params(spec: ObjectiveSpec, beta: Optional[float], params: dict) -> dict:
     """Merge the objective's defaults, a config ``beta`` and extra params into call kwargs."""
     merged = dict(spec.defaults)
+    unknown = sorted(set(params) - set(spec.param_names))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(spec.param_names), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"objective.params.{unknown[0]}: not a parameter of '{spec.name}'{hint}; "
+            f"allowed: {', '.join(spec.param_names) or '(none)'}"
+        )
     if beta is not None:
         if "beta" not in merged:
             raise ValueError(f"objective.beta: '{spec.name}' has no beta parameter; remove the key")

@@ -1,0 +1,5 @@
+import sys
+
+from t2ialign.cli import main
+
+sys.exit(main())

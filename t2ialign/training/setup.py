@@ -1,0 +1,108 @@
+"""Build what a training run needs: models (policy, reference), data, and the accelerator."""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from t2ialign.config import TrainConfig
+from t2ialign.models.loading import load_components, set_attention_backend
+from t2ialign.models.lora import add_lora
+from t2ialign.objectives import ObjectiveSpec
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None if config.report_to == "none" else config.report_to
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")),
+    )
+
+
+def uses_cache(config: TrainConfig) -> bool:
+    return bool(config.data.cache_dir)
+
+
+def load_training_components(config: TrainConfig, device):
+    """Components in their frozen-part precision; a cache run loads neither the VAE nor the text encoders."""
+    cached = uses_cache(config)
+    frozen_dtype = DTYPES[config.mixed_precision]
+    components = load_components(
+        config.model.pretrained,
+        revision=config.model.revision,
+        variant=config.model.variant,
+        vae=config.model.vae,
+        dtype=torch.float32,
+        device=device,
+        load_vae=not cached,
+        load_text_encoders=not cached,
+        local_files_only=config.model.local_files_only,
+    )
+    # the SDXL VAE overflows in fp16 (use an fp16-fix VAE via model.vae); text encoders are fine in half
+    if components.vae is not None and frozen_dtype != torch.float16:
+        components.vae.to(dtype=frozen_dtype)
+    for encoder in components.text_encoders:
+        encoder.to(dtype=frozen_dtype)
+    return components
+
+
+def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, components):
+    """Policy UNet (fp32 master weights, or LoRA on a frozen base) and, if needed, a frozen reference."""
+    unet = components.unet
+    set_attention_backend(unet, config.model.attention)
+    reference = None
+    if config.lora.enabled:
+        unet.requires_grad_(False)
+        if config.mixed_precision != "no":  # frozen base in half precision, adapters stay fp32
+            unet.to(dtype=DTYPES[config.mixed_precision])
+        trainable = add_lora(
+            unet,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+            target_modules=tuple(config.lora.target_modules),
+        )
+        for param in trainable:
+            param.data = param.data.float()
+    else:
+        if spec.needs_reference:
+            reference = copy.deepcopy(unet).to(dtype=DTYPES[config.model.reference_dtype])
+            reference.requires_grad_(False).eval()
+        unet.requires_grad_(True)
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    logger.info(
+        "policy: %.1fM trainable of %.1fM parameters; reference: %s",
+        sum(p.numel() for p in trainable) / 1e6,
+        sum(p.numel() for p in unet.parameters()) / 1e6,
+        "frozen copy" if reference is not None else ("adapters disabled" if config.lora.enabled and spec.needs_reference else "none"),
+    )
+    return unet, reference, trainable
+
+
+def build_dataset(config: TrainConfig):
+    """Map-style dataset of preference pairs and its collate function (images, or a pre-encoded cache)."""
+    if uses_cache(config):
+        from t2ialign.data.cache import CachedPairs, collate_cached_pairs
+
+        return CachedPairs(config.data.cache_dir), collate_cached_pairs
+    from t2ialign.data import PairTransform, PreferencePairs, collate_pairs, load_preference_dataset
+
+    rows = load_preference_dataset(config.data)
+    transform = PairTransform(
+        config.data.resolution, random_crop=config.data.random_crop, random_flip=config.data.random_flip, seed=config.seed
+    )
+    return PreferencePairs(rows, transform, config.data), collate_pairs

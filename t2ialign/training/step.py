@@ -1,0 +1,127 @@
+"""One micro-batch: images/latents -> conditioning -> noising -> per-sample errors -> objective.
+
+The objective's spec decides what is computed (reference pass or not, one caption per image or per
+pair, forward noising or DDIM inversion, losers or not); this module never looks at its name.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from t2ialign.inversion import ddim_inversion_target
+from t2ialign.models.lora import adapters_disabled
+from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, make_time_ids, unet_conditioning
+from t2ialign.noising import noisy_latents_and_target, per_sample_error, sample_pair_timesteps
+from t2ialign.objectives import ObjectiveOutput, ObjectiveSpec
+
+
+@dataclass
+class StepModels:
+    policy: torch.nn.Module  # trainable UNet, possibly wrapped by accelerate (DDP/FSDP)
+    policy_unwrapped: torch.nn.Module
+    reference: Optional[torch.nn.Module]  # frozen copy (full fine-tune); None for LoRA or reference-free
+    components: object  # DiffusionComponents: vae, text encoders, tokenizers, noise_scheduler, is_sdxl
+    lora: bool = False
+
+
+def _latents_from_batch(models: StepModels, batch: dict, generator: torch.Generator) -> Tensor:
+    if "latents" in batch:  # pre-encoded cache
+        return batch["latents"]
+    vae = models.components.vae
+    pixels = batch["pixel_values"].to(vae.device, vae.dtype)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+    return latents * vae.config.scaling_factor
+
+
+def _pair_captions(spec: ObjectiveSpec, batch: dict, dropout: float, generator: torch.Generator) -> list[str]:
+    """2B captions, winners first; dropout decisions are per pair, so both images lose the prompt together."""
+    num_pairs = len(batch["captions"])
+    keep = drop_prompts(["x"] * num_pairs, dropout, generator) if dropout > 0 else ["x"] * num_pairs
+    if spec.per_image_captions:
+        winners, losers = batch["captions_w"], batch["captions_l"]
+    else:
+        winners = losers = batch["captions"]
+    winners = [c if k else "" for c, k in zip(winners, keep)]
+    losers = [c if k else "" for c, k in zip(losers, keep)]
+    return winners + losers
+
+
+def _conditioning(models: StepModels, spec: ObjectiveSpec, batch: dict, resolution: int, dropout: float, generator) -> dict:
+    is_sdxl = models.components.is_sdxl
+    if "prompt_embeds" in batch:  # pre-encoded cache already holds 2B rows, winners first
+        embeds = PromptEmbeddings(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"))
+        time_ids = batch.get("time_ids")
+    else:
+        captions = _pair_captions(spec, batch, dropout, generator)
+        embeds = encode_prompts(models.components, captions)
+        time_ids = None
+        if is_sdxl:
+            time_ids = make_time_ids(batch["original_sizes"], batch["crop_top_left"], (resolution, resolution))
+    return unet_conditioning(is_sdxl, embeds, time_ids)
+
+
+def _select(cond: dict, index: slice) -> dict:
+    """Conditioning rows for a subset of the batch (SFT runs winners only)."""
+    out = {"encoder_hidden_states": cond["encoder_hidden_states"][index]}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: v[index] for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
+def _to_device(cond: dict, device, dtype) -> dict:
+    out = {"encoder_hidden_states": cond["encoder_hidden_states"].to(device, dtype)}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
+def _noised(models: StepModels, spec: ObjectiveSpec, latents: Tensor, cond: dict, generator) -> tuple:
+    scheduler = models.components.noise_scheduler
+    if not spec.uses_inversion:
+        return noisy_latents_and_target(scheduler, latents, generator)
+    timesteps = sample_pair_timesteps(latents.shape[0] // 2, scheduler.config.num_train_timesteps, latents.device, generator)
+    policy = models.policy_unwrapped
+
+    def noise_pred_fn(x, s):
+        return policy(x, s, **cond).sample
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
+    zt, target = ddim_inversion_target(noise_pred_fn, latents, timesteps, alphas_cumprod, generator=generator)
+    return zt, timesteps, target
+
+
+def preference_step(
+    models: StepModels, spec: ObjectiveSpec, params: dict, batch: dict, *, resolution: int, prompt_dropout: float, generator
+) -> ObjectiveOutput:
+    """Compute the objective for one micro-batch (winners first); call ``.loss.backward()`` on the result."""
+    latents = _latents_from_batch(models, batch, generator).float()
+    cond = _conditioning(models, spec, batch, resolution, prompt_dropout, generator)
+    dtype = next(models.policy_unwrapped.parameters()).dtype
+    cond = _to_device(cond, latents.device, torch.float32 if dtype == torch.float32 else dtype)
+    zt, timesteps, target = _noised(models, spec, latents, cond, generator)
+    rows = slice(None) if spec.uses_loser else slice(0, latents.shape[0] // 2)
+    pred = models.policy(zt[rows], timesteps[rows], **_select(cond, rows)).sample
+    model_err = per_sample_error(pred, target[rows])
+    model_err_w, model_err_l = model_err.chunk(2) if spec.uses_loser else (model_err, None)
+    ref_err_w = ref_err_l = None
+    if spec.needs_reference:
+        ref_err_w, ref_err_l = reference_errors(models, zt, timesteps, cond, target).chunk(2)
+    return spec(model_err_w, model_err_l, ref_err_w, ref_err_l, **params)
+
+
+def reference_errors(models: StepModels, zt: Tensor, timesteps: Tensor, cond: dict, target: Tensor) -> Tensor:
+    """Errors of the frozen reference, off the autograd graph (LoRA: the same UNet, adapters off)."""
+    with torch.no_grad():
+        if models.reference is not None:
+            ref_dtype = next(models.reference.parameters()).dtype
+            ref_cond = _to_device(cond, zt.device, ref_dtype)
+            pred = models.reference(zt.to(ref_dtype), timesteps, **ref_cond).sample
+        else:
+            with adapters_disabled(models.policy_unwrapped) if models.lora else nullcontext():
+                pred = models.policy_unwrapped(zt, timesteps, **cond).sample
+    return per_sample_error(pred, target)

@@ -302,3 +302,42 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     # remembered so validation can reject options the user set that the objective cannot use
     config._explicit_keys = set(raw.get("model") or {})
     return validate_train_config(config)
+
+
+@dataclass
+class SampleConfig:
+    """``t2ialign sample``: images for a prompt set, identical initial latents across models."""
+
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # the base pipeline (hub id or directory)
+    aligned: Optional[str] = None  # a training export, UNet or LoRA directory: sample this model instead of the base
+    guide_with: Optional[str] = None  # RL guidance: mix the base with this aligned model at scale rlg_scale
+    rlg_scale: float = 1.0
+    rlg_schedule: Optional[list] = None  # optional per-step scales (length num_inference_steps) overriding rlg_scale
+    prompts: str = "partiprompts"  # a prompt-set name, or a .txt/.tsv/.jsonl file
+    limit: Optional[int] = None  # first N prompts only
+    output_dir: str = "samples/base"
+    num_images_per_prompt: int = 1
+    seed: int = 0
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    resolution: Optional[int] = None  # default: the model's native size
+    batch_size: int = 4
+    dtype: str = "fp16"  # fp32 | fp16 | bf16 (fp32 on CPU)
+    device: str = "auto"
+    scheduler: Optional[str] = None  # a diffusers scheduler class name, e.g. DDIMScheduler
+    progress_bar: bool = True
+
+
+def load_sample_config(path=None, overrides=None, data=None) -> SampleConfig:
+    raw = dict(data or {})
+    if path is not None:
+        raw = load_yaml(path)
+    raw = apply_overrides(raw, overrides or [])
+    config = from_dict(SampleConfig, raw)
+    _check_choice(config, "dtype", ("fp32", "fp16", "bf16"))
+    for key in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {getattr(config, key)}")
+    if config.aligned and config.guide_with:
+        raise ConfigError("aligned and guide_with: give one; guide_with samples the base mixed with the aligned model by rlg_scale")
+    return config

@@ -1,0 +1,66 @@
+"""Inference pipelines: a base model, optionally with an aligned full UNet or a LoRA on top."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from t2ialign.errors import ModelNotFoundError
+
+
+def resolve_aligned(path: str | Path) -> tuple[str, Path]:
+    """An aligned model is a training export (``final/``), a ``unet`` directory or a LoRA directory.
+
+    Returns ("unet" | "lora", directory to load).
+    """
+    path = Path(path)
+    manifest = path / "export.json"
+    if manifest.is_file():
+        kind = json.loads(manifest.read_text())["kind"]
+        return kind, path / kind
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        return "lora", path
+    if (path / "config.json").is_file():
+        return "unet", path
+    if (path / "unet" / "config.json").is_file():
+        return "unet", path / "unet"
+    raise ModelNotFoundError(
+        f"{path} is not an aligned model: expected a training export (with export.json), a diffusers UNet "
+        "directory (config.json + weights) or a LoRA directory (pytorch_lora_weights.safetensors)"
+    )
+
+
+def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch.float32, device="cpu", scheduler: Optional[str] = None):
+    """A diffusers text-to-image pipeline for ``pretrained``; ``aligned`` swaps in a UNet or loads a LoRA."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    kwargs = {"torch_dtype": dtype}
+    kind = None
+    if aligned is not None:
+        kind, aligned_dir = resolve_aligned(aligned)
+        if kind == "unet":
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(aligned_dir, torch_dtype=dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(pretrained, **kwargs)
+    except (OSError, EnvironmentError) as exc:
+        raise ModelNotFoundError(
+            f"could not load the pipeline '{pretrained}' ({type(exc).__name__}). Pass a local diffusers directory, "
+            f"or download it first: huggingface-cli download {pretrained} --local-dir DIR"
+        ) from None
+    if kind == "lora":
+        pipe.load_lora_weights(str(aligned_dir))
+    if scheduler:
+        pipe.scheduler = _scheduler_by_name(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _scheduler_by_name(name: str, config):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise ModelNotFoundError(f"unknown scheduler '{name}'; give a diffusers class name such as EulerDiscreteScheduler or DDIMScheduler")
+    return cls.from_config(config)

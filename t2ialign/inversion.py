@@ -33,9 +33,9 @@ Documented choices
   ``noise_pred_fn(x_active, s_active, index)``, so it can select the matching conditioning rows;
   the result is identical, only cheaper when depths differ.
 * Noise (``eta > 0``): after each executed step, ONE ``randn`` of the full ``z0`` shape is drawn from
-  ``generator`` (in the compute dtype, on ``z0``'s device), in step order, and applied to the active rows
-  only; so draws do not depend on ``only_active`` and a seeded call is reproducible. With ``eta == 0``
-  no random numbers are drawn.
+  ``generator`` (in the compute dtype, on the generator's device, then moved to ``z0``'s), in step
+  order, and applied to the active rows only; so draws do not depend on ``only_active`` and a seeded
+  call is reproducible. With ``eta == 0`` no random numbers are drawn.
 * Precision: computed in ``promote_types(z0.dtype, float32)`` (fp64 stays fp64); ``noise_pred_fn``
   receives latents in that dtype (cast them for a half-precision UNet) and its output is upcast.
   ``zt`` and ``target`` are returned in that dtype.
@@ -56,6 +56,11 @@ def inversion_grid(num_train_timesteps: int = 1000, num_steps: int = 10, steps_o
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
     step = num_train_timesteps // num_steps
     return torch.arange(num_steps, dtype=torch.long) * step + steps_offset - step
+
+
+def _draw_device(generator: Optional[torch.Generator], default):
+    """Draw on the generator's own device (a CPU generator can seed CUDA latents), else on ``default``."""
+    return generator.device if generator is not None else default
 
 
 @torch.no_grad()
@@ -105,7 +110,10 @@ def ddim_inversion_target(
 
     dtype = torch.promote_types(z0.dtype, torch.float32)
     abar = alphas_cumprod.detach().to(device=z0.device, dtype=dtype)
-    abar_init = abar[0] if initial_alpha_cumprod is None else torch.tensor(float(initial_alpha_cumprod), device=z0.device, dtype=dtype)
+    if initial_alpha_cumprod is None:
+        abar_init = abar[0]
+    else:
+        abar_init = torch.tensor(float(initial_alpha_cumprod), device=z0.device, dtype=dtype)
     step = num_train_timesteps // num_steps
     grid = inversion_grid(num_train_timesteps, num_steps, steps_offset).tolist()
 
@@ -134,7 +142,8 @@ def ddim_inversion_target(
         if eta > 0:
             # var(s', s) = (1 - abar_s)/(1 - abar_s') * (1 - abar_s'/abar_s), s' = s + step
             var = (1 - a_s) / (1 - a_next) * (1 - a_next / a_s)
-            noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=z0.device)
+            noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=_draw_device(generator, z0.device))
+            noise = noise.to(z0.device)
             if only_active:
                 noise = noise[index]
             x_new = x_new + eta * var.clamp_min(0).sqrt() * noise

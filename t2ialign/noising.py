@@ -15,19 +15,22 @@ from torch import Tensor
 def sample_pair_noise(latents: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """Gaussian noise for ``B`` winners, repeated for the ``B`` losers: shape of ``latents``.
 
-    Drawn in fp32 (so a seed gives the same noise whatever the latent dtype), then cast.
+    Drawn in fp32 on the generator's device (so a seed gives the same noise whatever the latent dtype,
+    and a CPU generator can seed CUDA latents), then cast and moved to the latents.
     """
     if latents.shape[0] % 2:
         raise ValueError(f"latents must hold winners then losers (an even batch), got {latents.shape[0]} samples")
     half = latents.shape[0] // 2
-    eps = torch.randn(latents[:half].shape, generator=generator, device=latents.device, dtype=torch.float32)
-    return eps.to(latents.dtype).repeat(2, 1, 1, 1)
+    draw_device = generator.device if generator is not None else latents.device
+    eps = torch.randn(latents[:half].shape, generator=generator, device=draw_device, dtype=torch.float32)
+    return eps.to(device=latents.device, dtype=latents.dtype).repeat(2, 1, 1, 1)
 
 
 def sample_pair_timesteps(num_pairs: int, num_train_timesteps: int, device, generator: Optional[torch.Generator] = None) -> Tensor:
     """Integer timesteps ``U{0..T-1}``, one per pair, repeated for the losers: shape ``(2B,)``."""
-    t = torch.randint(0, num_train_timesteps, (num_pairs,), generator=generator, device=device)
-    return t.repeat(2).long()
+    draw_device = generator.device if generator is not None else device
+    t = torch.randint(0, num_train_timesteps, (num_pairs,), generator=generator, device=draw_device)
+    return t.to(device).repeat(2).long()
 
 
 def denoising_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:

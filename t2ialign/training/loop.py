@@ -35,6 +35,7 @@ class TrainResult:
     export_dir: Path
     final_step: int
     bad_steps: int
+    model: object = None  # the trained (unwrapped) UNet on this process
 
 
 class MetricAverager:
@@ -112,7 +113,7 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process and callable(summary):
         logger.info("data: %s", summary())
     accelerator.end_training()
-    return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total)
+    return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped)
 
 
 def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable):

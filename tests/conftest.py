@@ -5,3 +5,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # the suite runs under xdist on 2 cores
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A standard diffusers SDXL pipeline directory with tiny random weights (32 px images)."""
+    from t2ialign.models.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def pickapic_parquet(tmp_path_factory):
+    """A small Pick-a-Pic v2-schema parquet (clean rows, with per-image captions)."""
+    from t2ialign.data.synthetic import write_pickapic_parquet
+
+    return write_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet", num_rows=12, seed=0)

@@ -47,6 +47,14 @@ def run_cli(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     return proc
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def sample_one(pipe) -> torch.Tensor:
     out = pipe(prompt="a red circle", num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                generator=torch.Generator().manual_seed(0), output_type="np")
@@ -97,9 +105,10 @@ def test_two_process_accelerate_launch_keeps_replicas_identical(tmp_path, tiny_s
     config = tiny_config(tmp_path, tiny_sdxl_dir, pickapic_parquet, max_steps=2, train_batch_size=1, checkpoint_every=0,
                          report_to="none")
     out = tmp_path / "digest.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", "29517", str(REPO / "tests/helpers/train_tiny.py"), str(config), str(out)]
+    # accelerate's own launcher starts one process on CPU; torchrun + ACCELERATE_USE_CPU gives gloo DDP
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests/helpers/train_tiny.py"), str(config), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     digests = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]

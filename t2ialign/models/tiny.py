@@ -127,6 +127,13 @@ def _vae(block_out_channels: Sequence[int], latent_channels: int, sample_size: i
     )
 
 
+def _head_counts(attention_head_dim, block_out_channels: Sequence[int]):
+    # diffusers' "attention_head_dim" is really the number of heads; default: 16 channels per head.
+    if attention_head_dim is not None:
+        return attention_head_dim
+    return tuple(max(1, channels // 16) for channels in block_out_channels)
+
+
 def _cross_attention_flags(unet_block_out_channels: Sequence[int]) -> tuple[bool, ...]:
     # SDXL: no attention in the highest-resolution block; cross-attention in all the others.
     n = len(unet_block_out_channels)
@@ -140,13 +147,14 @@ def tiny_sdxl_components(
     seed: int = 0,
     sample_size: int = 16,
     unet_block_out_channels: Sequence[int] = (32, 64),
+    cross_attention_dim: int | None = None,
     text_hidden_sizes: Sequence[int] = (32, 32),
     text_num_layers: int = 2,
     vae_block_out_channels: Sequence[int] = (32, 64),
     latent_channels: int = 4,
     prediction_type: str = "epsilon",
     layers_per_block: int = 1,
-    attention_head_dim: Sequence[int] | int = (2, 4),
+    attention_head_dim: Sequence[int] | int | None = None,
     transformer_layers_per_block: Sequence[int] | int = 1,
     addition_time_embed_dim: int = 8,
 ) -> dict[str, object]:
@@ -156,6 +164,11 @@ def tiny_sdxl_components(
     concatenated), and the pooled projection of encoder 2 feeds the text_time embedding, as in SDXL.
     """
     hidden_1, hidden_2 = text_hidden_sizes
+    if cross_attention_dim is not None and cross_attention_dim != hidden_1 + hidden_2:
+        raise ValueError(
+            f"SDXL's cross_attention_dim is the sum of the text encoders' hidden sizes {tuple(text_hidden_sizes)}, "
+            f"got {cross_attention_dim}"
+        )
     down, up = _down_up_block_types(len(unet_block_out_channels), _cross_attention_flags(unet_block_out_channels))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -166,7 +179,7 @@ def tiny_sdxl_components(
         up_block_types=up,
         block_out_channels=tuple(unet_block_out_channels),
         layers_per_block=layers_per_block,
-        attention_head_dim=attention_head_dim,
+        attention_head_dim=_head_counts(attention_head_dim, unet_block_out_channels),
         transformer_layers_per_block=transformer_layers_per_block,
         cross_attention_dim=hidden_1 + hidden_2,
         use_linear_projection=True,
@@ -212,7 +225,7 @@ def tiny_sd_components(
     vae_block_out_channels: Sequence[int] = (32, 64),
     latent_channels: int = 4,
     layers_per_block: int = 1,
-    attention_head_dim: Sequence[int] | int = (2, 4),
+    attention_head_dim: Sequence[int] | int | None = None,
 ) -> dict[str, object]:
     """Components of a StableDiffusionPipeline (SD1.x / 2.x layout: one encoder, no added embedding)."""
     n = len(unet_block_out_channels)
@@ -226,7 +239,7 @@ def tiny_sd_components(
         up_block_types=up,
         block_out_channels=tuple(unet_block_out_channels),
         layers_per_block=layers_per_block,
-        attention_head_dim=attention_head_dim,
+        attention_head_dim=_head_counts(attention_head_dim, unet_block_out_channels),
         cross_attention_dim=text_hidden_size,
         norm_num_groups=min(32, min(unet_block_out_channels)),
     )

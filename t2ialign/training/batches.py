@@ -29,13 +29,8 @@ class ResumableBatchSampler(Sampler):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.num_rows, generator=generator)
 
-    def indices_for(self, micro_step: int) -> list[int]:
-        epoch, position = divmod(micro_step, self.batches_per_epoch)
-        order = self.epoch_order(epoch)
-        first = (position * self.world_size + self.rank) * self.batch_size
-        return order[first : first + self.batch_size].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """(row, epoch) keys: the dataset seeds each row's augmentation from its epoch."""
         micro_step = self.start
         epoch, order = None, None
         while True:
@@ -43,7 +38,7 @@ class ResumableBatchSampler(Sampler):
             if this_epoch != epoch:
                 epoch, order = this_epoch, self.epoch_order(this_epoch)
             first = (position * self.world_size + self.rank) * self.batch_size
-            yield order[first : first + self.batch_size].tolist()
+            yield [(row, epoch) for row in order[first : first + self.batch_size].tolist()]
             micro_step += 1
 
     def __len__(self) -> int:  # DataLoader needs a length for progress info; the stream is endless

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from t2ialign.config import TrainConfig
+from t2ialign.config import ConfigError, TrainConfig
 from t2ialign.models.loading import load_components, set_attention_backend
 from t2ialign.models.lora import add_lora
 from t2ialign.objectives import ObjectiveSpec
@@ -99,10 +99,11 @@ def build_dataset(config: TrainConfig):
         from t2ialign.data.cache import CachedPairs, collate_cached_pairs
 
         return CachedPairs(config.data.cache_dir), collate_cached_pairs
-    from t2ialign.data import PairTransform, PreferencePairs, collate_pairs, load_preference_dataset
+    from t2ialign.data import build_preference_pairs, collate_pairs
 
-    rows = load_preference_dataset(config.data)
-    transform = PairTransform(
-        config.data.resolution, random_crop=config.data.random_crop, random_flip=config.data.random_flip, seed=config.seed
-    )
-    return PreferencePairs(rows, transform, config.data), collate_pairs
+    if config.data.streaming:
+        raise ConfigError(
+            "data.streaming: training reads a map-style dataset so that resume is exact; stream the data once "
+            "through `t2ialign cache` (or set data.max_rows to train on a subset) and train from data.cache_dir"
+        )
+    return build_preference_pairs(config.data, seed=config.seed), collate_pairs

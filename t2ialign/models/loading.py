@@ -1,0 +1,368 @@
+"""Load SDXL / SD1.x / SD2.x components from a hub id or a local diffusers pipeline directory.
+
+Only the pieces a recipe needs are loaded (a cached-latent run needs neither VAE nor text encoders),
+frozen parts are put in eval mode without gradients, and every "not found" — missing folder, missing
+file, no network — becomes one ``ModelNotFoundError`` line that says how to fix it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from t2ialign.errors import ModelNotFoundError, UserFacingError
+
+try:  # in huggingface_hub 1.x+ EntryNotFoundError no longer derives from OSError
+    from huggingface_hub.errors import EntryNotFoundError as _EntryNotFoundError
+except ImportError:  # pragma: no cover
+    _EntryNotFoundError = OSError
+
+# Everything the hub / from_pretrained raise for "not there" or "not reachable".
+# (OSError covers EnvironmentError, HTTP errors and offline mode; ValueError covers bad repo ids.)
+_NOT_FOUND_ERRORS = (OSError, ValueError, _EntryNotFoundError)
+
+
+@dataclass
+class DiffusionComponents:
+    unet: Any
+    vae: Any
+    text_encoders: list = field(default_factory=list)
+    tokenizers: list = field(default_factory=list)
+    noise_scheduler: Any = None
+    is_sdxl: bool = False
+    prediction_type: str = "epsilon"
+    source: str = ""
+    # The VAE's config even when its weights were not loaded (cached-latent runs still need its shape).
+    vae_config: Optional[dict] = None
+
+    def _vae_config(self) -> Optional[dict]:
+        return dict(self.vae.config) if self.vae is not None else self.vae_config
+
+    @property
+    def vae_scale_factor(self) -> int:
+        config = self._vae_config()
+        if config is not None:
+            return 2 ** (len(config["block_out_channels"]) - 1)
+        return 8  # every released SD / SDXL VAE downsamples by 8
+
+    @property
+    def latent_channels(self) -> int:
+        config = self._vae_config()
+        if config is not None:
+            return config["latent_channels"]
+        return self.unet.config.in_channels
+
+
+# ---------------------------------------------------------------- errors
+
+def _first_sentence(error: BaseException, limit: int = 140) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    sentence = text.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
+
+
+def _hint(where: str) -> str:
+    if _looks_like_path(where):
+        return "check the path; it should be a diffusers pipeline directory (model_index.json, unet/, vae/, ...)"
+    return (
+        f"download it with `huggingface-cli download {where} --local-dir DIR` on a machine with internet "
+        "and pass DIR instead (set HF_HUB_OFFLINE=1 to skip network retries)"
+    )
+
+
+def _not_found(what: str, where: str, subfolder: Optional[str], cause: BaseException) -> ModelNotFoundError:
+    location = f"{where}" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    return ModelNotFoundError(
+        f"Could not load the {what} from {location}: {_first_sentence(cause)}. Fix: {_hint(where)}."
+    )
+
+
+def _require_existing_dir(name: str, what: str) -> None:
+    """Fail fast, with a short message, for a path that plainly is not there (no hub lookup)."""
+    if _looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise ModelNotFoundError(f"{what} directory {name} does not exist. Fix: check the path.")
+
+
+@contextlib.contextmanager
+def _translate_not_found(what: str, where: str, subfolder: Optional[str]):
+    try:
+        yield
+    except ModelNotFoundError:
+        raise
+    except _NOT_FOUND_ERRORS as error:
+        raise _not_found(what, where, subfolder, error) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+# ---------------------------------------------------------------- pipeline layout
+
+def _read_model_index(pretrained: str, *, revision=None, local_files_only=False) -> dict:
+    local = Path(pretrained).expanduser()
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(
+                f"{pretrained} is not a diffusers pipeline directory (no model_index.json). "
+                "Fix: pass the directory that holds model_index.json, unet/, vae/, text_encoder/, ..."
+            )
+        return json.loads(index.read_text())
+    _require_existing_dir(pretrained, "Model")
+    from huggingface_hub import hf_hub_download
+
+    with _translate_not_found("pipeline index (model_index.json)", pretrained, None):
+        path = hf_hub_download(pretrained, "model_index.json", revision=revision, local_files_only=local_files_only)
+    return json.loads(Path(path).read_text())
+
+
+def _has_component(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and entry[0] is not None and entry[1] is not None
+
+
+def _resolve(pretrained: str) -> str:
+    local = Path(pretrained).expanduser()
+    return str(local) if local.is_dir() else pretrained
+
+
+def _freeze(module):
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _transformers_class(index: dict, name: str, default: str):
+    entry = index.get(name)
+    class_name = entry[1] if _has_component(index, name) else default
+    return getattr(transformers, class_name, getattr(transformers, default))
+
+
+# ---------------------------------------------------------------- loaders
+
+def load_unet(
+    pretrained_or_unet_dir: str,
+    *,
+    subfolder: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    revision=None,
+    variant=None,
+    local_files_only: bool = False,
+) -> UNet2DConditionModel:
+    """Load a UNet from a pipeline (``unet/`` subfolder) or from a bare UNet export directory.
+
+    ``subfolder=None`` picks automatically: a directory with its own config.json is a UNet export;
+    anything else (a pipeline directory or hub id) is read from its ``unet/`` subfolder.
+    """
+    pretrained_or_unet_dir = str(pretrained_or_unet_dir)
+    _require_existing_dir(pretrained_or_unet_dir, "UNet")
+    location = _resolve(pretrained_or_unet_dir)
+    if subfolder is None:
+        subfolder = None if (Path(location) / "config.json").is_file() else "unet"
+    with _translate_not_found("UNet", pretrained_or_unet_dir, subfolder):
+        unet = UNet2DConditionModel.from_pretrained(
+            location,
+            subfolder=subfolder,
+            revision=revision,
+            variant=variant,
+            torch_dtype=dtype,
+            local_files_only=local_files_only,
+        )
+    return unet.to(device)
+
+
+def load_vae(
+    pretrained: str,
+    *,
+    subfolder: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    revision=None,
+    variant=None,
+    local_files_only: bool = False,
+) -> AutoencoderKL:
+    """A frozen AutoencoderKL: a standalone VAE (config.json at the root) or a pipeline's ``vae/``."""
+    pretrained = str(pretrained)
+    _require_existing_dir(pretrained, "VAE")
+    location = _resolve(pretrained)
+    if subfolder is None and Path(location).is_dir():
+        subfolder = None if (Path(location) / "config.json").is_file() else "vae"
+    with _translate_not_found("VAE", pretrained, subfolder):
+        vae = AutoencoderKL.from_pretrained(
+            location,
+            subfolder=subfolder,
+            revision=revision,
+            variant=variant,
+            torch_dtype=dtype,
+            local_files_only=local_files_only,
+        )
+    return _freeze(vae.to(device))
+
+
+def _load_text_encoder(cls, location, subfolder, *, dtype, device, revision, variant, local_files_only):
+    with _translate_not_found("text encoder", location, subfolder):
+        encoder = cls.from_pretrained(
+            location,
+            subfolder=subfolder,
+            revision=revision,
+            variant=variant,
+            dtype=dtype,  # transformers v5 name (was torch_dtype)
+            local_files_only=local_files_only,
+        )
+    return _freeze(encoder.to(device))
+
+
+def _load_tokenizer(location, subfolder, *, revision, local_files_only):
+    with _translate_not_found("tokenizer", location, subfolder):
+        return transformers.AutoTokenizer.from_pretrained(
+            location, subfolder=subfolder, revision=revision, local_files_only=local_files_only
+        )
+
+
+def _text_stack(
+    index: dict, location: str, *, dtype, device, revision, variant, local_files_only, load_encoders, load_tokenizers
+):
+    """Tokenizers and encoders, each if asked, in SDXL order (encoder 1 then encoder 2)."""
+    encoders, tokenizers = [], []
+    slots = [
+        ("text_encoder", "tokenizer", "CLIPTextModel"),
+        ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
+    ]
+    for encoder_name, tokenizer_name, default_class in slots:
+        if not _has_component(index, encoder_name):
+            continue  # SD1.x has no encoder 2; the SDXL refiner has no encoder 1
+        if load_tokenizers:
+            tokenizers.append(
+                _load_tokenizer(location, tokenizer_name, revision=revision, local_files_only=local_files_only)
+            )
+        if load_encoders:
+            cls = _transformers_class(index, encoder_name, default_class)
+            encoders.append(
+                _load_text_encoder(
+                    cls, location, encoder_name, dtype=dtype, device=device, revision=revision,
+                    variant=variant, local_files_only=local_files_only,
+                )
+            )
+    return encoders, tokenizers
+
+
+def load_noise_scheduler(pretrained: str, *, revision=None, local_files_only: bool = False) -> DDPMScheduler:
+    """The training-time forward process: DDPM with the pipeline's own betas and prediction type."""
+    with _translate_not_found("scheduler config", pretrained, "scheduler"):
+        return DDPMScheduler.from_pretrained(
+            _resolve(pretrained), subfolder="scheduler", revision=revision, local_files_only=local_files_only
+        )
+
+
+def load_components(
+    pretrained: str,
+    *,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    vae: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    load_unet: bool = True,
+    load_vae: bool = True,
+    load_text_encoders: bool = True,
+    local_files_only: bool = False,
+    load_tokenizers: Optional[bool] = None,
+) -> DiffusionComponents:
+    """Load the parts of a SD / SDXL pipeline a recipe needs; ``vae`` overrides the pipeline's VAE.
+
+    ``load_tokenizers`` defaults to ``load_text_encoders`` (a v5 CLIP tokenizer takes ~1 s to build).
+    """
+    pretrained = str(pretrained)
+    if vae is not None:
+        _require_existing_dir(str(vae), "VAE")  # fail before loading anything heavy
+    index = _read_model_index(pretrained, revision=revision, local_files_only=local_files_only)
+    location = _resolve(pretrained)
+    is_sdxl = _has_component(index, "text_encoder_2") or "XL" in str(index.get("_class_name", ""))
+    hub = dict(revision=revision, local_files_only=local_files_only)
+
+    noise_scheduler = load_noise_scheduler(pretrained, **hub)
+    unet = (
+        _load_unet_from_pipeline(location, pretrained, dtype=dtype, device=device, variant=variant, **hub)
+        if load_unet
+        else None
+    )
+    vae_model = (
+        _load_vae_for(location, vae, dtype=dtype, device=device, variant=variant, **hub) if load_vae else None
+    )
+    vae_config = dict(vae_model.config) if vae_model is not None else _vae_config_or_none(location, vae, **hub)
+    encoders, tokenizers = _text_stack(
+        index, location, dtype=dtype, device=device, variant=variant, load_encoders=load_text_encoders,
+        load_tokenizers=load_text_encoders if load_tokenizers is None else load_tokenizers, **hub
+    )
+    return DiffusionComponents(
+        unet=unet,
+        vae=vae_model,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=noise_scheduler,
+        is_sdxl=is_sdxl,
+        prediction_type=noise_scheduler.config.prediction_type,
+        source=pretrained,
+        vae_config=vae_config,
+    )
+
+
+def _vae_config_or_none(location, override, *, revision, local_files_only) -> Optional[dict]:
+    """The VAE's config.json alone (no weights); None when it cannot be read."""
+    source, subfolder = (location, "vae") if override is None else (_resolve(override), None)
+    if override is not None and Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        subfolder = "vae"
+    try:
+        return dict(AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=local_files_only,
+                                              revision=None if override else revision))
+    except _NOT_FOUND_ERRORS:
+        return None
+
+
+def _load_unet_from_pipeline(location, pretrained, *, dtype, device, variant, revision, local_files_only):
+    with _translate_not_found("UNet", pretrained, "unet"):
+        unet = UNet2DConditionModel.from_pretrained(
+            location, subfolder="unet", revision=revision, variant=variant, torch_dtype=dtype,
+            local_files_only=local_files_only,
+        )
+    return unet.to(device)
+
+
+def _load_vae_for(location, override, *, dtype, device, variant, revision, local_files_only):
+    if override is None:
+        return load_vae(location, subfolder="vae", dtype=dtype, device=device, revision=revision,
+                        variant=variant, local_files_only=local_files_only)
+    # An override VAE comes from another repo: the pipeline's revision / variant do not apply to it.
+    return load_vae(override, dtype=dtype, device=device, local_files_only=local_files_only)
+
+
+# ---------------------------------------------------------------- attention
+
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+
+
+def set_attention_backend(unet, backend: str = "sdpa") -> None:
+    """Route the UNet's attention through PyTorch SDPA (default) or xformers' memory-efficient kernels."""
+    unet = getattr(unet, "module", unet)
+    if backend == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif backend == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise UserFacingError(
+                "model.attention is 'xformers' but xformers is not installed. "
+                "Fix: `pip install xformers` (matching your torch build) or set model.attention=sdpa."
+            )
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        raise UserFacingError(f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.")

@@ -130,18 +130,25 @@ class ObjectiveSpec:
     uses_inversion: bool = False  # DDIM-InPO: zt from DDIM inversion with the policy
     uses_loser: bool = True  # SFT trains on winners only
     description: str = ""
+    # settings read by the trainer rather than the loss (e.g. InPO's inversion steps), with defaults
+    trainer_params: dict = field(default_factory=dict)
 
     @property
-    def param_names(self) -> tuple:
+    def loss_param_names(self) -> tuple:
         skip = {"model_err_w", "model_err_l", "ref_err_w", "ref_err_l"}
         return tuple(p for p in inspect.signature(self.fn).parameters if p not in skip)
 
     @property
+    def param_names(self) -> tuple:
+        return self.loss_param_names + tuple(self.trainer_params)
+
+    @property
     def defaults(self) -> dict:
         sig = inspect.signature(self.fn).parameters
-        return {name: sig[name].default for name in self.param_names}
+        return {**{name: sig[name].default for name in self.loss_param_names}, **self.trainer_params}
 
     def __call__(self, model_err_w, model_err_l, ref_err_w=None, ref_err_l=None, **params) -> ObjectiveOutput:
+        params = {k: v for k, v in params.items() if k not in self.trainer_params}
         if self.needs_reference:
             if ref_err_w is None or ref_err_l is None:
                 raise ValueError(f"objective '{self.name}' needs the reference model's errors")
@@ -163,7 +170,12 @@ register_objective(ObjectiveSpec("mapo", mapo_loss, needs_reference=False, descr
 register_objective(
     ObjectiveSpec("dcpo", dpo_loss, per_image_captions=True, description="DCPO: DPO with each image conditioned on its own caption")
 )
-register_objective(ObjectiveSpec("inpo", dpo_loss, uses_inversion=True, description="DDIM-InPO: DPO at DDIM-inverted latents"))
+register_objective(
+    ObjectiveSpec(
+        "inpo", dpo_loss, uses_inversion=True, description="DDIM-InPO: DPO at DDIM-inverted latents",
+        trainer_params={"inversion_steps": 10, "inversion_eta": 0.1},
+    )
+)
 register_objective(ObjectiveSpec("sft", sft_loss, needs_reference=False, uses_loser=False, description="SFT on the preferred image"))
 
 

@@ -15,8 +15,9 @@ CMYK/palette/RGBA/L    lazily                                       converted to
 caption > 77 tokens    (the text encoders truncate at 77 tokens)    kept
 =====================  ===========================================  =========================
 
-Strict mode never converts silently either: only converting image modes is allowed in strict
-mode (it is lossless enough and expected), every skip becomes a ``DataError`` naming the row.
+Strict mode (data.strict) turns every skip into a ``DataError`` naming the row and the problem;
+mode conversions are still allowed there (they are expected, and counted), and so are config
+filters (they are requested).
 """
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def train(config: TrainConfig) -> TrainResult:
         len(dataset), config.train_batch_size, config.seed, accelerator.process_index, accelerator.num_processes, state.micro_step
     )
     batches = iter(make_loader(dataset, collate, sampler, config.data.num_workers))
-    _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable)
+    _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable,
+               getattr(dataset, "report", None))
 
     export_dir = output_dir / "final"
     if accelerator.is_main_process:
@@ -116,7 +117,7 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped)
 
 
-def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable):
+def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable, bad_row_report=None):
     log_path = Path(config.output_dir) / "metrics.jsonl"
     averager = MetricAverager()
     progress = tqdm(
@@ -125,6 +126,8 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
     )
     while state.global_step < config.max_steps:
         batch = next(batches)
+        if bad_row_report is not None and batch.get("bad_rows"):  # rows skipped inside data-loader workers
+            bad_row_report.record_events(batch["bad_rows"])
         generator = micro_step_generator(config.seed, state.micro_step, accelerator.process_index, accelerator.device)
         with accelerator.accumulate(models.policy), accelerator.autocast():
             output = preference_step(

@@ -65,7 +65,7 @@ def _conditioning(models: StepModels, spec: ObjectiveSpec, batch: dict, resoluti
     return unet_conditioning(is_sdxl, embeds, time_ids)
 
 
-def _select(cond: dict, index: slice) -> dict:
+def _select(cond: dict, index) -> dict:
     """Conditioning rows for a subset of the batch (SFT runs winners only)."""
     out = {"encoder_hidden_states": cond["encoder_hidden_states"][index]}
     if "added_cond_kwargs" in cond:
@@ -80,18 +80,22 @@ def _to_device(cond: dict, device, dtype) -> dict:
     return out
 
 
-def _noised(models: StepModels, spec: ObjectiveSpec, latents: Tensor, cond: dict, generator) -> tuple:
+def _noised(models: StepModels, spec: ObjectiveSpec, params: dict, latents: Tensor, cond: dict, generator) -> tuple:
     scheduler = models.components.noise_scheduler
     if not spec.uses_inversion:
         return noisy_latents_and_target(scheduler, latents, generator)
     timesteps = sample_pair_timesteps(latents.shape[0] // 2, scheduler.config.num_train_timesteps, latents.device, generator)
     policy = models.policy_unwrapped
 
-    def noise_pred_fn(x, s):
-        return policy(x, s, **cond).sample
+    def noise_pred_fn(x, s, rows):  # only the samples whose inversion depth is not yet reached
+        return policy(x.to(latents.dtype), s, **_select(cond, rows)).sample
 
     alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
-    zt, target = ddim_inversion_target(noise_pred_fn, latents, timesteps, alphas_cumprod, generator=generator)
+    zt, target = ddim_inversion_target(
+        noise_pred_fn, latents, timesteps, alphas_cumprod, generator=generator,
+        num_steps=int(params["inversion_steps"]), eta=float(params["inversion_eta"]),
+        steps_offset=scheduler.config.get("steps_offset", 1), only_active=True,
+    )
     return zt, timesteps, target
 
 
@@ -103,7 +107,7 @@ def preference_step(
     cond = _conditioning(models, spec, batch, resolution, prompt_dropout, generator)
     dtype = next(models.policy_unwrapped.parameters()).dtype
     cond = _to_device(cond, latents.device, torch.float32 if dtype == torch.float32 else dtype)
-    zt, timesteps, target = _noised(models, spec, latents, cond, generator)
+    zt, timesteps, target = _noised(models, spec, params, latents, cond, generator)
     rows = slice(None) if spec.uses_loser else slice(0, latents.shape[0] // 2)
     pred = models.policy(zt[rows], timesteps[rows], **_select(cond, rows)).sample
     model_err = per_sample_error(pred, target[rows])

@@ -1,0 +1,177 @@
+"""The training step on real tiny models: DCPO conditioning order, v-prediction targets, InPO, reference-free runs."""
+import gc
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2ialign.models.loading import load_components
+from t2ialign.models.text_encoding import encode_prompts
+from t2ialign.objectives import get_objective, objective_params
+from t2ialign.training.step import StepModels, preference_step
+
+
+def make_batch(components, num_pairs=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    size = components.unet.config.sample_size
+    latents = torch.randn(2 * num_pairs, components.latent_channels, size, size, generator=generator)
+    captions = [f"a red circle number {i}" for i in range(num_pairs)]
+    return {
+        "latents": latents,
+        "captions": captions,
+        "captions_w": [f"a bright red circle {i}" for i in range(num_pairs)],
+        "captions_l": [f"a dull blue square {i}" for i in range(num_pairs)],
+        "original_sizes": torch.tensor([[40, 48]] * (2 * num_pairs)),
+        "crop_top_left": torch.tensor([[4, 8]] * (2 * num_pairs)),
+    }
+
+
+def step_models(components, reference=True):
+    ref = None
+    if reference:
+        ref = type(components.unet).from_config(components.unet.config)
+        ref.load_state_dict(components.unet.state_dict())
+        with torch.no_grad():  # a reference that differs from the policy makes the loss non-trivial
+            for p in ref.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    return StepModels(components.unet, components.unet, ref, components)
+
+
+def independent_errors(unet, components, batch, captions_2b, seed, resolution):
+    """Section 0 written out by hand: shared eps and t per pair, target by prediction type."""
+    generator = torch.Generator().manual_seed(seed)
+    z0 = batch["latents"]
+    num_pairs = z0.shape[0] // 2
+    eps = torch.randn(z0[:num_pairs].shape, generator=generator).repeat(2, 1, 1, 1)
+    t = torch.randint(0, 1000, (num_pairs,), generator=generator).repeat(2)
+    abar = components.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    zt = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+    target = eps if components.prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * z0
+    embeds = encode_prompts(components, captions_2b)
+    kwargs = {"encoder_hidden_states": embeds.prompt_embeds}
+    if components.is_sdxl:
+        time_ids = torch.tensor([[40.0, 48.0, 4.0, 8.0, resolution, resolution]] * (2 * num_pairs))
+        kwargs["added_cond_kwargs"] = {"text_embeds": embeds.pooled_prompt_embeds, "time_ids": time_ids}
+    with torch.no_grad():
+        pred = unet(zt, t, **kwargs).sample
+    return ((pred - target) ** 2).mean(dim=(1, 2, 3))
+
+
+def independent_dpo(m, r, beta):
+    m_w, m_l = m.chunk(2)
+    r_w, r_l = r.chunk(2)
+    return -torch.log(torch.sigmoid(beta / 2 * ((r_w - r_l) - (m_w - m_l)))).mean()
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir):
+    return load_components(str(tiny_sdxl_dir))
+
+
+@pytest.fixture(scope="module")
+def sd_vpred(tmp_path_factory):
+    from t2ialign.models.tiny import build_tiny_sd_pipeline
+
+    path = build_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe", prediction_type="v_prediction")
+    return load_components(str(path))
+
+
+@pytest.mark.parametrize("name", ["dcpo", "dpo"])
+def test_sdxl_step_matches_hand_written_elbo_and_caption_order(sdxl, name):
+    spec = get_objective(name)
+    batch = make_batch(sdxl)
+    models = step_models(sdxl)
+    with torch.no_grad():
+        out = preference_step(models, spec, objective_params(spec, 50.0, {}), batch, resolution=32, prompt_dropout=0.0,
+                              generator=torch.Generator().manual_seed(7))
+    captions = batch["captions_w"] + batch["captions_l"] if name == "dcpo" else batch["captions"] * 2
+    m = independent_errors(models.policy, sdxl, batch, captions, seed=7, resolution=32)
+    r = independent_errors(models.reference, sdxl, batch, captions, seed=7, resolution=32)
+    assert torch.allclose(out.metrics["model_err_w"], m.chunk(2)[0].mean(), rtol=1e-5)
+    assert torch.allclose(out.metrics["ref_err_l"], r.chunk(2)[1].mean(), rtol=1e-5)
+    assert torch.allclose(out.loss, independent_dpo(m, r, 50.0), rtol=1e-5)
+
+
+def test_dcpo_on_sd_v_prediction_uses_velocity_target_and_own_captions(sd_vpred):
+    assert sd_vpred.prediction_type == "v_prediction" and not sd_vpred.is_sdxl
+    spec = get_objective("dcpo")
+    batch = make_batch(sd_vpred)
+    models = step_models(sd_vpred)
+    with torch.no_grad():
+        out = preference_step(models, spec, objective_params(spec, 50.0, {}), batch, resolution=32, prompt_dropout=0.0,
+                              generator=torch.Generator().manual_seed(3))
+    captions = batch["captions_w"] + batch["captions_l"]
+    m = independent_errors(models.policy, sd_vpred, batch, captions, seed=3, resolution=32)
+    r = independent_errors(models.reference, sd_vpred, batch, captions, seed=3, resolution=32)
+    assert torch.allclose(out.loss, independent_dpo(m, r, 50.0), rtol=1e-5)
+    swapped = batch["captions_l"] + batch["captions_w"]
+    m_swapped = independent_errors(models.policy, sd_vpred, batch, swapped, seed=3, resolution=32)
+    assert not torch.allclose(m, m_swapped), "conditioning order must matter for this check to mean anything"
+
+
+def test_sft_trains_on_winners_only(sdxl):
+    spec = get_objective("sft")
+    batch = make_batch(sdxl)
+    models = step_models(sdxl, reference=False)
+    with torch.no_grad():
+        out = preference_step(models, spec, {}, batch, resolution=32, prompt_dropout=0.0, generator=torch.Generator().manual_seed(1))
+    m = independent_errors(models.policy, sdxl, batch, batch["captions"] * 2, seed=1, resolution=32)
+    assert torch.allclose(out.loss, m.chunk(2)[0].mean(), rtol=1e-5)
+
+
+def test_inpo_step_is_finite_differentiable_and_ln2_at_init(sdxl):
+    spec = get_objective("inpo")
+    batch = make_batch(sdxl)
+    reference = type(sdxl.unet).from_config(sdxl.unet.config)
+    reference.load_state_dict(sdxl.unet.state_dict())
+    models = StepModels(sdxl.unet, sdxl.unet, reference, sdxl)
+    out = preference_step(models, spec, objective_params(spec, None, {}), batch, resolution=32, prompt_dropout=0.0,
+                          generator=torch.Generator().manual_seed(0))
+    assert abs(out.loss.item() - math.log(2)) < 1e-4  # policy == reference
+    out.loss.backward()
+    grads = [p.grad for p in sdxl.unet.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    sdxl.unet.zero_grad(set_to_none=True)
+
+
+def test_prompt_dropout_drops_both_images_of_a_pair(sdxl):
+    from t2ialign.training.step import _pair_captions
+
+    spec = get_objective("dcpo")
+    batch = make_batch(sdxl, num_pairs=64)
+    captions = _pair_captions(spec, batch, 0.5, torch.Generator().manual_seed(0))
+    winners, losers = captions[:64], captions[64:]
+    dropped = [w == "" for w in winners]
+    assert dropped == [l == "" for l in losers]
+    assert 16 < sum(dropped) < 48
+
+
+def test_mapo_run_instantiates_exactly_one_unet(tmp_path, tiny_sdxl_dir, pickapic_parquet):
+    """Reference-free: while the MaPO loop runs, the only UNet alive is the policy."""
+    from diffusers import UNet2DConditionModel
+
+    import t2ialign.training.loop as loop
+    from t2ialign.config import load_train_config
+
+    seen = []
+    original = loop._run_steps
+
+    def counting_run_steps(*args, **kwargs):
+        gc.collect()
+        seen.append(sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects()))
+        return original(*args, **kwargs)
+
+    config = load_train_config(data={
+        "model": {"pretrained": str(tiny_sdxl_dir)}, "data": {"dataset": str(pickapic_parquet), "resolution": 32},
+        "objective": {"name": "mapo"}, "optim": {"learning_rate": 1e-4}, "output_dir": str(tmp_path / "run"),
+        "max_steps": 1, "checkpoint_every": 0, "report_to": "none", "progress_bar": False,
+    })
+    gc.collect()
+    before = sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
+    loop._run_steps = counting_run_steps
+    try:
+        loop.train(config)
+    finally:
+        loop._run_steps = original
+    assert seen and seen[0] - before == 1

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +61,12 @@ class DataConfig:
     prompt_dropout: float = 0.0  # probability of replacing a pair's caption by "" (recipe: 0.2)
     num_workers: int = 0
     cache_dir: Optional[str] = None  # pre-encoded latents/text (``t2ialign cache``); then no VAE/text encoders
+    # ``t2ialign cache`` (t2ialign.data.cache): what is stored per pair and how the build is chunked
+    cache_variants: int = 1  # augmentation draws stored per pair: variant v = epoch v's crop/flip; epoch e reads e % N
+    cache_dtype: str = "fp16"  # storage of latents and text embeddings: fp32 | fp16 | bf16 (fp32 = bit-exact)
+    cache_latent_std: bool = True  # keep the VAE posterior std: training samples latents as the image path does
+    cache_shard_size: int = 256  # pairs per shard file (the unit of resume and of the multi-process split)
+    cache_batch_size: int = 8  # pairs per VAE batch while caching (x2 images x cache_variants)
 
 
 @dataclass
@@ -112,6 +121,11 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     allow_tf32: bool = True
     progress_bar: bool = True
+    # speed levers (t2ialign.training.speed): torch.compile of the UNet(s), with a persistent compile cache
+    # (default $TORCHINDUCTOR_CACHE_DIR or ~/.cache/t2ialign/torchinductor), and channels-last convolutions
+    compile: bool = False
+    compile_cache_dir: Optional[str] = None
+    channels_last: bool = False
 
 
 CHOICES: dict[str, tuple] = {
@@ -193,8 +207,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{full}'{_suggest(key, fields)}; allowed: {', '.join(fields)}")
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}; allowed: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, prefix=f"{full}.")
@@ -214,7 +228,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r} (example: --set optim.learning_rate=1e-5)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse the value {raw!r} as YAML ({str(exc).splitlines()[0]}); quote it") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -246,8 +263,25 @@ def _check_choice(config, dotted: str, allowed: tuple):
         raise ConfigError(f"{dotted}: {value!r} is not allowed{_suggest(str(value), allowed)}; allowed: {', '.join(allowed)}")
 
 
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# numeric bounds checked by validate_train_config: key -> (low, high, low_inclusive, high_inclusive, wording)
+POSITIVE = ("max_steps", "train_batch_size", "gradient_accumulation_steps", "data.resolution", "lora.rank",
+            "optim.learning_rate", "log_every", "optim.max_grad_norm", "optim.adam_epsilon")
+NON_NEGATIVE = ("checkpoint_every", "optim.warmup_steps", "optim.weight_decay", "data.num_workers", "data.min_image_size",
+                "lora.dropout")
+STRING_LISTS = ("data.image_columns", "data.label_columns", "data.image_caption_columns", "lora.target_modules",
+                "data.model_names")
+
+
 def validate_train_config(config: TrainConfig) -> TrainConfig:
-    from t2ialign.objectives import get_objective  # objectives are torch-only and cheap to import
+    """Everything that can be checked without touching a model file; one ConfigError naming the key."""
+    from t2ialign.objectives import get_objective, objective_params  # objectives are torch-only and cheap to import
 
     for dotted, allowed in CHOICES.items():
         _check_choice(config, dotted, allowed)
@@ -255,45 +289,184 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
         spec = get_objective(config.objective.name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    positive = {
-        "max_steps": config.max_steps,
-        "train_batch_size": config.train_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "data.resolution": config.data.resolution,
-        "lora.rank": config.lora.rank,
-        "optim.learning_rate": config.optim.learning_rate,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+    for section in dataclasses.fields(config):  # every float anywhere must be a real number (no nan / inf)
+        value = getattr(config, section.name)
+        inner = [(f"{section.name}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)] \
+            if dataclasses.is_dataclass(value) else [(section.name, value)]
+        for key, item in inner:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key}: must be a finite number, got {item}")
+    for key in POSITIVE:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(config, key)}")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(config, key)}")
+    for key in STRING_LISTS:
+        value = _get(config, key)
+        if value is not None and not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key}: must be a list of non-empty strings (column / module names), got {value!r}")
+    for key in ("model.pretrained", "output_dir", "data.dataset"):
+        if not str(_get(config, key)).strip():
+            raise ConfigError(f"{key}: must not be empty")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed: must be in [0, 2**32), got {config.seed}")
     if config.data.resolution % 8:
         raise ConfigError(f"data.resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.data.resolution}")
     if not 0.0 <= config.data.prompt_dropout < 1.0:
         raise ConfigError(f"data.prompt_dropout: must be in [0, 1), got {config.data.prompt_dropout}")
+    if not 0.0 <= config.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {config.lora.dropout}")
+    if config.lora.alpha is not None and config.lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha: must be positive (or null for alpha = rank), got {config.lora.alpha}")
+    if config.lora.enabled and not config.lora.target_modules:
+        raise ConfigError("lora.target_modules: must name at least one module when lora.enabled is true (e.g. to_q, to_k, to_v, to_out.0)")
+    for key in ("optim.adam_beta1", "optim.adam_beta2"):
+        if not 0.0 <= _get(config, key) < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {_get(config, key)}")
+    if config.data.max_rows is not None and config.data.max_rows <= 0:
+        raise ConfigError(f"data.max_rows: must be positive (or null for all rows), got {config.data.max_rows}")
     if config.keep_last_checkpoints < 1:
         raise ConfigError(f"keep_last_checkpoints: must be at least 1, got {config.keep_last_checkpoints}")
-    if config.checkpoint_every < 0:
-        raise ConfigError(f"checkpoint_every: must be >= 0 (0 disables), got {config.checkpoint_every}")
     if config.max_bad_steps < 1:
         raise ConfigError(f"max_bad_steps: must be at least 1, got {config.max_bad_steps}")
     if len(config.data.image_columns) != 2 or len(config.data.label_columns) != 2:
         raise ConfigError("data.image_columns and data.label_columns: need exactly two entries each (image 0, image 1)")
     if not spec.needs_reference and "reference_dtype" in getattr(config, "_explicit_keys", set()):
         raise ConfigError(
-            f"model.reference_dtype: objective '{spec.name}' is reference-free and loads no reference model; remove the key"
+            f"model.reference_dtype: objective '{spec.name}' is reference-free and loads no reference model; remove the key "
+            f"(objectives with a reference model: {', '.join(sorted(n for n, s in _objectives().items() if s.needs_reference))})"
         )
     unknown = set(config.objective.params) - set(spec.param_names)
     if unknown:
-        name = sorted(unknown)[0]
+        name = sorted(unknown, key=str)[0]
         raise ConfigError(
-            f"objective.params.{name}: not a parameter of '{spec.name}'{_suggest(name, spec.param_names)}; "
+            f"objective.params.{name}: not a parameter of '{spec.name}'{_suggest(str(name), spec.param_names)}; "
             f"allowed: {', '.join(spec.param_names) or '(none)'}"
         )
+    for name, value in {**config.objective.params, **({"beta": config.objective.beta} if config.objective.beta is not None else {})}.items():
+        default = spec.defaults.get(name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            key = "objective.beta" if name == "beta" and config.objective.beta is not None else f"objective.params.{name}"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number for '{spec.name}', got {value!r}")
+            if name == "beta" and value <= 0:
+                raise ConfigError(f"{key}: must be positive, got {value}")
+    try:
+        objective_params(spec, config.objective.beta, config.objective.params)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return config
+
+
+def _objectives() -> dict:
+    from t2ialign.objectives import OBJECTIVES
+
+    return OBJECTIVES
+
+
+# ---------------------------------------------------------------- model checks without loading weights
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_scheduler_compat(objective_name: str, scheduler_config, where: str) -> None:
+    """The model's noise scheduler must suit the objective (read from scheduler_config.json, no weights)."""
+    from t2ialign.objectives import get_objective
+
+    spec = get_objective(objective_name)
+    class_name = str(scheduler_config.get("_class_name", ""))
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if "FlowMatch" in class_name:
+        raise ConfigError(
+            f"model.pretrained: {where} uses {class_name} (flow matching); preference training here needs a DDPM-style "
+            f"scheduler; allowed prediction_type: {', '.join(SUPPORTED_PREDICTION_TYPES)} (SD 1.x / 2.x / SDXL)"
+        )
+    if prediction not in SUPPORTED_PREDICTION_TYPES:
+        raise ConfigError(
+            f"model.pretrained: {where} has scheduler prediction_type '{prediction}'; "
+            f"allowed: {', '.join(SUPPORTED_PREDICTION_TYPES)}"
+        )
+    if spec.uses_inversion and prediction != "epsilon":
+        others = sorted(n for n, s in _objectives().items() if not s.uses_inversion)
+        raise ConfigError(
+            f"objective.name: '{spec.name}' runs DDIM inversion, which needs an epsilon-prediction model, but {where} "
+            f"has prediction_type '{prediction}' ({class_name or 'scheduler'}); allowed prediction_type for '{spec.name}': "
+            f"epsilon; objectives that train this model: {', '.join(others)}"
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def check_model_source(config: TrainConfig) -> None:
+    """Before any weights load: the model is where the config says (local directory, or the hub / its cache)
+    and its scheduler suits the objective. Raises ModelNotFoundError / ConfigError with one line naming the key."""
+    from t2ialign.errors import ModelNotFoundError
+
+    pretrained = str(config.model.pretrained)
+    local = Path(pretrained).expanduser()
+    scheduler_file = None
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"model.pretrained: {pretrained} is not a diffusers pipeline directory (no model_index.json). "
+                "Fix: give the directory that holds model_index.json, unet/, vae/, text_encoder/, scheduler/"
+            )
+        scheduler_file = local / "scheduler" / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise ModelNotFoundError(
+                f"model.pretrained: {pretrained} has no scheduler/scheduler_config.json. "
+                "Fix: give a complete diffusers pipeline directory (as written by save_pretrained)"
+            )
+    elif _looks_like_path(pretrained):
+        raise ModelNotFoundError(
+            f"model.pretrained: directory {pretrained} does not exist. Fix: give a local diffusers pipeline directory "
+            "(model_index.json, unet/, vae/, ...) or a hub id such as stabilityai/stable-diffusion-xl-base-1.0"
+        )
+    else:
+        scheduler_file = _cached_hub_file(config, pretrained)
+    vae = config.model.vae
+    if vae and _looks_like_path(str(vae)) and not Path(str(vae)).expanduser().is_dir():
+        raise ModelNotFoundError(f"model.vae: directory {vae} does not exist. Fix: check the path, or remove model.vae")
+    if scheduler_file is not None:
+        try:
+            scheduler_config = json.loads(Path(scheduler_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"model.pretrained: cannot read {scheduler_file}: {exc}") from None
+        check_scheduler_compat(config.objective.name, scheduler_config, f"{pretrained}/scheduler/scheduler_config.json")
+
+
+def _cached_hub_file(config: TrainConfig, repo_id: str) -> Optional[str]:
+    """The cached scheduler config of a hub model (None if not cached); fail now if the model cannot be fetched."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from t2ialign.errors import ModelNotFoundError
+
+    try:
+        index = try_to_load_from_cache(repo_id, "model_index.json", revision=config.model.revision)
+        scheduler = try_to_load_from_cache(repo_id, "scheduler/scheduler_config.json", revision=config.model.revision)
+    except ValueError as exc:  # HFValidationError: not a valid repo id
+        raise ModelNotFoundError(
+            f"model.pretrained: '{repo_id}' is neither an existing directory nor a valid hub id ({str(exc).splitlines()[0]}). "
+            "Fix: give a local diffusers pipeline directory or a hub id like stabilityai/stable-diffusion-xl-base-1.0"
+        ) from None
+    offline = bool(constants.HF_HUB_OFFLINE) or config.model.local_files_only
+    if not isinstance(index, str) and offline:
+        why = "model.local_files_only=true" if config.model.local_files_only else "HF_HUB_OFFLINE=1"
+        raise ModelNotFoundError(
+            f"model.pretrained: '{repo_id}' is not a local directory and is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and {why} forbids downloading it. Fix: on a machine with internet run "
+            f"`huggingface-cli download {repo_id} --local-dir DIR` and set model.pretrained=DIR"
+        )
+    return scheduler if isinstance(scheduler, str) else None
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
     """YAML file (or dict) + overrides -> validated TrainConfig."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config: the top level must be a mapping of keys to values, got {type(data).__name__}")
     raw = dict(data or {})
     if path is not None:
         raw = load_yaml(path)

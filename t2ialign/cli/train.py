@@ -26,10 +26,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from t2ialign.config import load_train_config
-    from t2ialign.training import train
+    from t2ialign.config import check_model_source, load_train_config
 
     config = load_train_config(args.config, args.overrides)
+    check_model_source(config)  # before the heavy imports: a wrong path or an offline hub id fails in a second
+
+    from t2ialign.training import train
+
     result = train(config)
     print(f"trained {result.final_step} steps; export: {result.export_dir}")
     return 0

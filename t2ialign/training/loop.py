@@ -16,14 +16,28 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from t2ialign.config import TrainConfig, to_dict
+from t2ialign.config import TrainConfig, check_model_source, to_dict
 from t2ialign.errors import UserFacingError
 from t2ialign.objectives import get_objective, objective_params
 from t2ialign.training.batches import ResumableBatchSampler, make_loader
-from t2ialign.training.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from t2ialign.training.checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    maybe_kill,
+    remove_incomplete,
+    resolve_resume,
+    save_checkpoint,
+    truncate_metrics,
+)
 from t2ialign.training.export import export_model
 from t2ialign.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rate
-from t2ialign.training.setup import build_dataset, build_policy_and_reference, load_training_components, make_accelerator
+from t2ialign.training.setup import (
+    build_dataset,
+    build_policy_and_reference,
+    check_loaded_scheduler,
+    load_training_components,
+    make_accelerator,
+)
 from t2ialign.training.step import StepModels, preference_step
 
 logger = logging.getLogger(__name__)
@@ -39,9 +53,16 @@ class TrainResult:
 
 
 class MetricAverager:
-    """Sums metrics on device over an optimizer step's micro-batches; averages across processes at log time."""
+    """Metrics of the current optimizer step (summed on device over its micro-batches), then a window of
+    optimizer-step means (plain floats, identical on every process) averaged at log time.
 
-    def __init__(self):
+    The window is part of the checkpoint (``TrainerState.metric_sums``), so a resumed run logs exactly
+    the averages an uninterrupted one would, whatever ``log_every`` and ``checkpoint_every`` are.
+    Skipped (non-finite) steps are left out of the averages and counted in ``skipped_steps``.
+    """
+
+    def __init__(self, state: TrainerState):
+        self.state = state
         self.sums, self.count = {}, 0
 
     def add(self, loss, metrics: dict):
@@ -50,7 +71,8 @@ class MetricAverager:
             self.sums[name] = self.sums.get(name, 0) + value
         self.count += 1
 
-    def pop(self, accelerator) -> dict:
+    def close_step(self, accelerator) -> dict:
+        """This optimizer step's metrics, averaged over micro-batches and processes (a collective)."""
         if not self.count:
             return {}
         names = sorted(self.sums)
@@ -58,6 +80,21 @@ class MetricAverager:
         stacked = accelerator.reduce(stacked, reduction="mean")
         self.sums, self.count = {}, 0
         return {n: float(v) for n, v in zip(names, stacked.tolist())}
+
+    def accept(self, step_metrics: dict):
+        for name, value in step_metrics.items():
+            self.state.metric_sums[name] = self.state.metric_sums.get(name, 0.0) + value
+        self.state.metric_count += 1
+
+    def skip(self):
+        self.state.skipped_in_window += 1
+
+    def pop(self) -> dict:
+        count = self.state.metric_count
+        out = {n: v / count for n, v in sorted(self.state.metric_sums.items())} if count else {}
+        out["skipped_steps"] = self.state.skipped_in_window
+        self.state.metric_sums, self.state.metric_count, self.state.skipped_in_window = {}, 0, 0
+        return out
 
 
 def micro_step_generator(seed: int, micro_step: int, rank: int, device) -> torch.Generator:
@@ -67,11 +104,15 @@ def micro_step_generator(seed: int, micro_step: int, rank: int, device) -> torch
 
 
 def train(config: TrainConfig) -> TrainResult:
+    # cheap checks first: a missing model or an incompatible scheduler fails before anything heavy loads
+    check_model_source(config)
     accelerator = make_accelerator(config)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        remove_incomplete(output_dir)  # checkpoint-*.tmp left by a crash during a save
+    accelerator.wait_for_everyone()
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -81,12 +122,12 @@ def train(config: TrainConfig) -> TrainResult:
 
     dataset, collate = build_dataset(config)
     components = load_training_components(config, accelerator.device)
+    check_loaded_scheduler(config, spec, components)
     policy, reference, trainable = build_policy_and_reference(config, spec, components)
     pairs_per_step = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     optimizer = build_optimizer(trainable, config.optim, effective_learning_rate(config.optim, pairs_per_step))
     lr_scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)  # not prepared: it steps once per optimizer step
+    policy, optimizer = accelerator.prepare(policy, optimizer)  # the LR schedule is ours: one step per optimizer step
     if reference is not None:
         reference.to(accelerator.device)
     models = StepModels(policy, accelerator.unwrap_model(policy), reference, components, lora=config.lora.enabled)
@@ -94,17 +135,24 @@ def train(config: TrainConfig) -> TrainResult:
     state = TrainerState()
     resume_from = resolve_resume(output_dir, config.resume)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
-        logger.info("resumed from %s at step %d", resume_from, state.global_step)
+        state = load_checkpoint(accelerator, resume_from, model=policy, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        _warn_on_changed_layout(config, accelerator, state, resume_from)
+        logger.info("resumed from %s at step %d (micro-step %d)", resume_from, state.global_step, state.micro_step)
+    state.num_processes = accelerator.num_processes
+    state.train_batch_size = config.train_batch_size
+    state.gradient_accumulation_steps = config.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        # lines a crashed run wrote after its last checkpoint are written again below; a fresh run starts a new log
+        truncate_metrics(output_dir / "metrics.jsonl", state.global_step)
     if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers("t2ialign", config=_flat_hparams(config))
+        init_kwargs = {"tensorboard": {"purge_step": state.global_step + 1}} if resume_from and config.report_to == "tensorboard" else {}
+        accelerator.init_trackers("t2ialign", config=_flat_hparams(config), init_kwargs=init_kwargs)
 
     sampler = ResumableBatchSampler(
         len(dataset), config.train_batch_size, config.seed, accelerator.process_index, accelerator.num_processes, state.micro_step
     )
     batches = iter(make_loader(dataset, collate, sampler, config.data.num_workers))
-    _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable,
-               getattr(dataset, "report", None))
+    _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable)
 
     export_dir = output_dir / "final"
     if accelerator.is_main_process:
@@ -117,17 +165,26 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped)
 
 
-def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable, bad_row_report=None):
+def _warn_on_changed_layout(config, accelerator, state: TrainerState, path):
+    saved = (state.num_processes, state.train_batch_size, state.gradient_accumulation_steps)
+    now = (accelerator.num_processes, config.train_batch_size, config.gradient_accumulation_steps)
+    if state.train_batch_size and saved != now and accelerator.is_main_process:
+        logger.warning(
+            "resuming %s with (processes, train_batch_size, gradient_accumulation_steps) = %s instead of %s: "
+            "training continues, but not on the data order an uninterrupted run would have seen", path, now, saved
+        )
+
+
+def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable):
     log_path = Path(config.output_dir) / "metrics.jsonl"
-    averager = MetricAverager()
+    averager = MetricAverager(state)
     progress = tqdm(
         total=config.max_steps, initial=state.global_step, desc=f"{spec.name} training", unit="step",
         disable=not (config.progress_bar and accelerator.is_main_process),
     )
     while state.global_step < config.max_steps:
+        maybe_kill("micro_step", state.micro_step)  # test hook (T2IALIGN_TEST_KILL), see training/checkpoint.py
         batch = next(batches)
-        if bad_row_report is not None and batch.get("bad_rows"):  # rows skipped inside data-loader workers
-            bad_row_report.record_events(batch["bad_rows"])
         generator = micro_step_generator(config.seed, state.micro_step, accelerator.process_index, accelerator.device)
         with accelerator.accumulate(models.policy), accelerator.autocast():
             output = preference_step(
@@ -137,37 +194,64 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
             accelerator.backward(output.loss)
             averager.add(output.loss, output.metrics)
             if accelerator.sync_gradients:
-                _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state)
+                _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state, averager)
         state.micro_step += 1
         if not accelerator.sync_gradients:
             continue
         state.global_step += 1
         progress.update(1)
         if state.global_step % config.log_every == 0 or state.global_step == config.max_steps:
-            record = {"step": state.global_step, "lr": lr_scheduler.get_last_lr()[0], **averager.pop(accelerator)}
+            record = {"step": state.global_step, "lr": lr_scheduler.get_last_lr()[0], **averager.pop()}
             record["bad_steps"] = state.bad_steps_total
             _log(accelerator, log_path, record, progress)
+        if state.bad_steps_consecutive >= config.max_bad_steps:
+            progress.close()
+            raise UserFacingError(
+                f"stopping at step {state.global_step}: {state.bad_steps_consecutive} consecutive optimizer steps had "
+                f"non-finite loss or gradients (max_bad_steps={config.max_bad_steps}; last cause: {state.last_bad_cause}). "
+                "Lower optim.learning_rate or objective.beta, use mixed_precision=bf16 instead of fp16, "
+                "or resume from the last checkpoint with resume=latest"
+            )
         if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, Path(config.output_dir), state, config.keep_last_checkpoints)
+            save_checkpoint(accelerator, Path(config.output_dir), state, config.keep_last_checkpoints,
+                            model=models.policy, optimizer=optimizer, lr_scheduler=lr_scheduler)
     progress.close()
 
 
-def _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state):
-    """Clip, then step unless the gradients are not finite (skipped and counted; fp16 leaves it to the scaler)."""
+def _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state, averager):
+    """Clip, then step unless the loss or the gradients are not finite: then the update is skipped and counted.
+
+    Loss and gradient norm are the same on every process (the loss is averaged across processes, the
+    gradients are all-reduced), so every replica takes the same decision. fp16: inf/nan gradients are
+    the loss scaler's business (it skips the update and lowers the scale), so only a non-finite loss counts.
+    """
+    step_metrics = averager.close_step(accelerator)
+    loss = step_metrics.get("loss", 0.0)
     grad_norm = accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)
-    finite = grad_norm is None or math.isfinite(float(grad_norm))
-    if finite or config.mixed_precision == "fp16":
-        optimizer.step()
+    grad_value = None if grad_norm is None else float(grad_norm)
+    fp16 = config.mixed_precision == "fp16"
+    cause = None
+    if not math.isfinite(loss):
+        cause = f"non-finite loss ({loss})"
+    elif grad_value is not None and not math.isfinite(grad_value) and not fp16:
+        cause = f"non-finite gradient norm ({grad_value})"
+    if cause is None:
+        optimizer.step()  # fp16: the GradScaler skips inf/nan gradients itself and lowers the scale
         lr_scheduler.step()
         state.bad_steps_consecutive = 0
+        averager.accept(step_metrics)
     else:
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:  # clip_grad_norm_ unscaled the gradients: close the scaler's step (lowers the scale on inf)
+            scaler.update()
         state.bad_steps_total += 1
         state.bad_steps_consecutive += 1
-        logger.warning("step %d: non-finite gradient norm (%s); update skipped", state.global_step + 1, grad_norm)
-        if state.bad_steps_consecutive >= config.max_bad_steps:
-            raise UserFacingError(
-                f"{state.bad_steps_consecutive} consecutive steps had non-finite loss or gradients; stopping. "
-                "Lower optim.learning_rate or objective.beta, or use mixed_precision=bf16 instead of fp16."
+        averager.skip()
+        state.last_bad_cause = f"{cause} at step {state.global_step + 1}"
+        if accelerator.is_main_process:
+            logger.warning(
+                "step %d: %s; update skipped (%d consecutive, %d in total; the run stops at max_bad_steps=%d)",
+                state.global_step + 1, cause, state.bad_steps_consecutive, state.bad_steps_total, config.max_bad_steps,
             )
     optimizer.zero_grad(set_to_none=True)
 

@@ -57,6 +57,16 @@ def load_training_components(config: TrainConfig, device):
     return components
 
 
+def check_loaded_scheduler(config: TrainConfig, spec: ObjectiveSpec, components) -> None:
+    """The scheduler check of ``check_model_source`` again on the loaded config (covers hub models that were
+    not cached yet, whose scheduler config could not be read before loading)."""
+    from t2ialign.config import check_scheduler_compat
+
+    scheduler_config = dict(components.noise_scheduler.config)
+    scheduler_config.setdefault("_class_name", type(components.noise_scheduler).__name__)
+    check_scheduler_compat(spec.name, scheduler_config, f"{config.model.pretrained}/scheduler")
+
+
 def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, components):
     """Policy UNet (fp32 master weights, or LoRA on a frozen base) and, if needed, a frozen reference."""
     unet = components.unet
@@ -96,9 +106,21 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
 def build_dataset(config: TrainConfig):
     """Map-style dataset of preference pairs and its collate function (images, or a pre-encoded cache)."""
     if uses_cache(config):
-        from t2ialign.data.cache import CachedPairs, collate_cached_pairs
+        from t2ialign.data.cache import CachedPairs
+        from t2ialign.objectives import get_objective
 
-        return CachedPairs(config.data.cache_dir), collate_cached_pairs
+        # DCPO conditions each image on its own caption; every other objective on the pair's prompt
+        dataset = CachedPairs(config.data.cache_dir, per_image_captions=get_objective(config.objective.name).per_image_captions)
+        built = dataset.manifest
+        if built["resolution"] != config.data.resolution:
+            raise ConfigError(
+                f"data.resolution: {config.data.resolution}, but the cache in {config.data.cache_dir} was built at "
+                f"{built['resolution']} px; set data.resolution={built['resolution']} or rebuild the cache"
+            )
+        if built["spec"]["model"]["pretrained"] != config.model.pretrained:
+            logger.warning("data.cache_dir was encoded with %s's VAE/text encoders; training %s",
+                           built["spec"]["model"]["pretrained"], config.model.pretrained)
+        return dataset, dataset.collate_fn  # collate_cached_pairs with the cache's scaling factor and "" embedding
     from t2ialign.data import build_preference_pairs, collate_pairs
 
     if config.data.streaming:

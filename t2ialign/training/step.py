@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from diffusers.utils.torch_utils import randn_tensor
+
 from t2ialign.inversion import ddim_inversion_target
 from t2ialign.models.lora import adapters_disabled
 from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, make_time_ids, unet_conditioning
@@ -29,13 +31,20 @@ class StepModels:
 
 
 def _latents_from_batch(models: StepModels, batch: dict, generator: torch.Generator) -> Tensor:
-    if "latents" in batch:  # pre-encoded cache
-        return batch["latents"]
+    if "latent_mean" in batch or "latents" in batch:  # pre-encoded cache (t2ialign.data.cache)
+        device = next(models.policy_unwrapped.parameters()).device
+        if "latents" in batch:
+            return batch["latents"].to(device)
+        # the VAE posterior, sampled with the same generator draw as latent_dist.sample(generator) below
+        mean, std = (batch[k].to(device, torch.float32) for k in ("latent_mean", "latent_std"))
+        eps = randn_tensor(mean.shape, generator=generator, device=device, dtype=torch.float32)
+        return (mean + std * eps) * batch["latent_scaling_factor"]
     vae = models.components.vae
     pixels = batch["pixel_values"].to(vae.device, vae.dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample(generator=generator)
-    return latents * vae.config.scaling_factor
+    # contiguous: the CPU VAE returns channels_last, which sends the UNet down other kernels (1e-7 apart) than cached latents
+    return (latents * vae.config.scaling_factor).contiguous()
 
 
 def _pair_captions(spec: ObjectiveSpec, batch: dict, dropout: float, generator: torch.Generator) -> list[str]:
@@ -51,10 +60,28 @@ def _pair_captions(spec: ObjectiveSpec, batch: dict, dropout: float, generator: 
     return winners + losers
 
 
+def _drop_cached_prompts(embeds: PromptEmbeddings, batch: dict, dropout: float, generator) -> PromptEmbeddings:
+    """Prompt dropout on cached embeddings: the same per-pair draw as ``_pair_captions``, rows -> embedding of ""."""
+    if "null_prompt_embeds" not in batch:
+        raise ValueError("data.prompt_dropout > 0 needs the cache's embedding of \"\" (batch['null_prompt_embeds'])")
+    num_pairs = len(embeds) // 2
+    keep = drop_prompts(["x"] * num_pairs, dropout, generator)
+    dropped = torch.tensor([k == "" for k in keep] * 2, device=embeds.prompt_embeds.device)
+    null = PromptEmbeddings(batch["null_prompt_embeds"], batch.get("null_pooled_prompt_embeds"))
+    mask = lambda x: dropped.view(-1, *[1] * (x.ndim - 1))  # noqa: E731
+    pooled = embeds.pooled_prompt_embeds
+    if pooled is not None:
+        pooled = torch.where(mask(pooled), null.pooled_prompt_embeds.to(pooled), pooled)
+    prompt = embeds.prompt_embeds
+    return PromptEmbeddings(torch.where(mask(prompt), null.prompt_embeds.to(prompt), prompt), pooled)
+
+
 def _conditioning(models: StepModels, spec: ObjectiveSpec, batch: dict, resolution: int, dropout: float, generator) -> dict:
     is_sdxl = models.components.is_sdxl
     if "prompt_embeds" in batch:  # pre-encoded cache already holds 2B rows, winners first
         embeds = PromptEmbeddings(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"))
+        if dropout > 0:
+            embeds = _drop_cached_prompts(embeds, batch, dropout, generator)
         time_ids = batch.get("time_ids")
     else:
         captions = _pair_captions(spec, batch, dropout, generator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,18 +74,16 @@ def held_out_prompts(num: int, seed: int) -> list[PromptRecord]:
     return [PromptRecord(prompt=c, index=i, source="toy-heldout") for i, c in enumerate(captions)]
 
 
-def folder_rewards(folder: Path, reward_fn) -> dict[int, float]:
-    """Mean reward per prompt index of a sample folder."""
+def folder_rewards(folder: Path, reward_fn) -> dict[int, dict]:
+    """Per prompt index of a sample folder: the mean reward and the first image's path."""
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    images = torch.stack([
-        torch.from_numpy(np.asarray(Image.open(folder / r["file"]).convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-        for r in rows
-    ])
+    images = _pil_to_tensor([Image.open(folder / r["file"]) for r in rows])
     rewards = reward_fn(images, [r["prompt"] for r in rows]).tolist()
-    per_prompt: dict[int, list] = {}
+    per_prompt: dict[int, dict] = {}
     for row, value in zip(rows, rewards):
-        per_prompt.setdefault(row["prompt_index"], []).append(value)
-    return {k: float(np.mean(v)) for k, v in sorted(per_prompt.items())}
+        entry = per_prompt.setdefault(row["prompt_index"], {"values": [], "file": str(folder / row["file"]), "prompt": row["prompt"]})
+        entry["values"].append(value)
+    return {k: {**v, "reward": float(np.mean(v["values"]))} for k, v in sorted(per_prompt.items())}
 
 
 def _sample_config(settings: DemoSettings, base_dir: Path, out: Path, aligned: Optional[Path] = None, **extra) -> SampleConfig:
@@ -96,9 +95,14 @@ def _sample_config(settings: DemoSettings, base_dir: Path, out: Path, aligned: O
 
 
 def train_config(settings: DemoSettings, base_dir: Path, pairs_path: Path, objective: str, run_dir: Path, max_steps: int) -> dict:
+    from t2ialign.objectives import get_objective
+
     recipe = OBJECTIVE_RECIPES.get(objective, {"objective": {"name": objective}})
+    model = {"pretrained": str(base_dir)}
+    if get_objective(recipe["objective"]["name"]).needs_reference and not settings.lora:
+        model["reference_dtype"] = "fp32"  # CPU: half-precision kernels are slow there
     config = {
-        "model": {"pretrained": str(base_dir), "reference_dtype": "fp32"},
+        "model": model,
         "data": {"dataset": str(pairs_path), "resolution": _toy()[3].RESOLUTION,
                  "random_flip": False, "prompt_dropout": 0.1},
         "objective": recipe["objective"],
@@ -125,7 +129,8 @@ def align_with_curve(settings, base_dir, pairs_path, objective, records, reward_
             (run_dir / "demo_train.yaml").write_text(yaml.safe_dump({**raw, "resume": None}, sort_keys=False))
         result = train(config)
         folder = sample(_sample_config(settings, base_dir, out / "samples" / f"{objective}-step{steps}", result.export_dir), records)
-        curve.append({"step": steps, "mean_reward": float(np.mean(list(folder_rewards(folder, reward_fn).values())))})
+        rewards = folder_rewards(folder, reward_fn)
+        curve.append({"step": steps, "mean_reward": float(np.mean([r["reward"] for r in rewards.values()]))})
     return result.export_dir, curve
 
 
@@ -153,24 +158,22 @@ def run_demo(settings: DemoSettings) -> dict:
     base_folder = sample(_sample_config(settings, base_dir, out / "samples" / "base"), records)
     base_rewards = folder_rewards(base_folder, reward_fn)
 
-    rows, curves, image_roots, score_tables = [], {}, {"base": str(base_folder)}, {"base": {preference_name: list(base_rewards.values())}}
-    exports = {}
+    rows, curves, per_model, exports = [], {}, {"base": base_rewards}, {}
     for objective in settings.objectives:
         export_dir, curve = align_with_curve(settings, base_dir, pairs_path, objective, records, reward_fn, out)
         exports[objective] = export_dir
         folder = out / "samples" / f"{objective}-step{settings.train_steps}"
         rewards = folder_rewards(folder, reward_fn)
         keys = sorted(set(rewards) & set(base_rewards))
-        aligned, base = [rewards[k] for k in keys], [base_rewards[k] for k in keys]
+        aligned, base = [rewards[k]["reward"] for k in keys], [base_rewards[k]["reward"] for k in keys]
         win = bootstrap_win_rate(aligned, base, model_a=objective, model_b="base", scorer=preference_name, seed=settings.seed)
         rows.append({"objective": objective, "win_rate": win.win_rate, "ci_low": win.low, "ci_high": win.high,
                      "mean_reward": float(np.mean(aligned)), "base_mean_reward": float(np.mean(base))})
         curves[objective] = [{"step": 0, "mean_reward": float(np.mean(base))}] + curve
-        image_roots[objective] = str(folder)
-        score_tables[objective] = {preference_name: aligned}
+        per_model[objective] = rewards
 
     rlg = _rlg_sweep(settings, base_dir, exports, records, reward_fn, preference_name, out)
-    report = _write_outputs(out, settings, preference_name, rows, curves, rlg, score_tables, image_roots, time.time() - started)
+    report = _write_outputs(out, settings, preference_name, rows, curves, rlg, per_model, time.time() - started)
     print(_table(rows))
     print(f"report: {out / 'report'}  ({report['elapsed_s']:.0f} s)")
     return report
@@ -193,13 +196,24 @@ def _pil_to_tensor(images) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images])
 
 
-def _write_outputs(out, settings, preference_name, rows, curves, rlg, score_tables, image_roots, elapsed) -> dict:
+def _score_tables(per_model: dict, preference_name: str) -> dict:
+    """Evaluation-report rows (one per held-out prompt) with each model's image for the grid."""
+    return {
+        model: [{"prompt_index": k, "prompt": v["prompt"], "category": None, "seed": 0, "file": v["file"],
+                 "scores": {preference_name: v["reward"]}} for k, v in rewards.items()]
+        for model, rewards in per_model.items()
+    }
+
+
+def _write_outputs(out, settings, preference_name, rows, curves, rlg, per_model, elapsed) -> dict:
     from t2ialign.evaluation.report import write_report
 
     report_dir = out / "report"
-    files = write_report(str(report_dir), score_tables, image_roots=image_roots, baseline="base",
+    files = write_report(str(report_dir), _score_tables(per_model, preference_name), baseline="base",
                          title=f"t2ialign demo: aligning the toy model to '{preference_name}'", settings=asdict(settings))
     _plot_curves(curves, report_dir / "reward_over_training.png", preference_name)
+    if rlg and (out / "rlg" / "sweep.png").is_file():
+        shutil.copy(out / "rlg" / "sweep.png", report_dir / "rlg_sweep.png")
     summary = {"preference": preference_name, "results": rows, "reward_over_training": curves, "rlg_sweep": rlg,
                "settings": asdict(settings), "elapsed_s": elapsed, "report_files": {k: str(v) for k, v in files.items()}}
     (report_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))

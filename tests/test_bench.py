@@ -1,0 +1,191 @@
+"""Smoke tests of the training benchmark (scripts/bench_train.py --tiny) and of the speed levers.
+
+They check what the benchmark reports and that its FLOP counting is right (Diffusion-DPO does 8
+forward-equivalents per pair, MaPO 6, SFT 3), never how fast anything ran.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench_train.py"
+POSITIVE_FIELDS = (
+    "pairs_per_s", "pairs_per_s_micro", "micro_step_s", "optimizer_step_s", "flops_per_micro_step", "flops_forward_phase",
+    "flops_backward_phase", "flops_per_pair", "flops_one_forward", "forward_equivalents_per_pair", "achieved_tflops",
+    "mfu", "mfu_micro", "mfu_vs_measured_matmul", "peak_memory_gib", "params_total", "params_trainable",
+)
+
+
+def run_bench(*extra) -> dict:
+    cmd = [sys.executable, str(BENCH), "--tiny", "--json", "--grad-accum", "1", "--steps", "1", "--warmup", "0", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_row(row: dict) -> None:
+    for name in POSITIVE_FIELDS:
+        value = row[name]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, value)
+    assert row["timed_micro_steps"] == row["timed_optimizer_steps"] * row["grad_accum"]
+    assert row["flops_per_micro_step"] == row["flops_forward_phase"] + row["flops_backward_phase"]
+    assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
+
+
+@pytest.fixture(scope="module")
+def full_report():
+    # one subprocess for all rows (start-up dominates on a loaded CPU): full fine-tune and LoRA r=4
+    return run_bench("--objective", "dpo,mapo,sft", "--lora-rank", "0,4", "--micro-batch", "2")
+
+
+def _rows(report, mode):
+    return {r["objective"]: r for r in report["rows"] if r["mode"] == mode}
+
+
+def test_report_fields(full_report):
+    for key in ("device", "torch", "diffusers", "date", "peak_flops", "peak_memory_kind", "rows"):
+        assert key in full_report
+    assert full_report["peak_flops"] == 989e12 and full_report["smoke_test"] is True
+    assert [(r["objective"], r["mode"]) for r in full_report["rows"]] == [
+        (o, m) for m in ("full", "lora-r4") for o in ("dpo", "mapo", "sft")]
+    for row in full_report["rows"]:
+        check_row(row)
+        if row["mode"] == "full":
+            assert row["params_trainable"] == row["params_total"]
+        else:
+            assert row["params_trainable"] < row["params_total"] / 10
+
+
+def test_flop_count_matches_forward_equivalents(full_report):
+    rows = _rows(full_report, "full")
+    dpo, mapo, sft = rows["dpo"], rows["mapo"], rows["sft"]
+    # DPO: policy fwd+bwd on 2 latents (3 forward-equivalents each) + reference fwd on 2 = 8; MaPO: 6; SFT (winner only): 3
+    assert dpo["flops_per_pair"] / mapo["flops_per_pair"] == pytest.approx(8 / 6, rel=0.03)
+    assert dpo["forward_equivalents_per_pair"] == pytest.approx(8, rel=0.03)
+    assert mapo["forward_equivalents_per_pair"] == pytest.approx(6, rel=0.03)
+    assert sft["forward_equivalents_per_pair"] == pytest.approx(3, rel=0.03)
+    # per pair: the micro-batch size divides out
+    assert dpo["flops_per_micro_step"] == pytest.approx(2 * dpo["flops_per_pair"])
+    # the backward of the policy costs about twice its forward; the reference adds forwards only
+    assert dpo["flops_backward_phase"] == pytest.approx(mapo["flops_backward_phase"], rel=1e-6)
+    assert dpo["flops_forward_phase"] == pytest.approx(2 * mapo["flops_forward_phase"], rel=0.01)
+
+
+def test_real_code_path_self_check(full_report):
+    full, lora = _rows(full_report, "full"), _rows(full_report, "lora-r4")
+    # the first micro-step runs before any update: policy == reference, so Diffusion-DPO's loss is ln 2
+    # (LoRA: B = 0 at init, so adapters on == adapters off)
+    assert full["dpo"]["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+    assert lora["dpo"]["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+    assert full["dpo"]["reference"] == "frozen copy" and full["mapo"]["reference"] == "none"
+    assert lora["dpo"]["reference"] == "adapters disabled"
+
+
+def test_lora_flop_count(full_report):
+    lora = _rows(full_report, "lora-r4")
+    # frozen base weights get no weight gradient, so a LoRA pair costs less than a full fine-tune pair,
+    # but the reference forward (adapters off) is still there: DPO > MaPO > SFT
+    full = _rows(full_report, "full")
+    assert lora["dpo"]["flops_per_pair"] < full["dpo"]["flops_per_pair"]
+    assert lora["dpo"]["flops_per_pair"] > lora["mapo"]["flops_per_pair"] > lora["sft"]["flops_per_pair"]
+    assert 4 < lora["dpo"]["forward_equivalents_per_pair"] < 8
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_checkpointing_row_counts_recompute(full_report, capsys):
+    # in-process (the subprocess path is covered by full_report): saves a second interpreter start-up
+    report = _bench_module().main(["--tiny", "--json", "--grad-accum", "1", "--steps", "1", "--warmup", "0",
+                                   "--objective", "dpo", "--micro-batch", "1", "--checkpointing", "--channels-last"])
+    capsys.readouterr()
+    (row,) = report["rows"]
+    check_row(row)
+    assert row["checkpointing"] and row["channels_last"]
+    assert row["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+    # checkpointing recomputes the checkpointed blocks' forward in the backward: more FLOPs than 8 per pair,
+    # at most one more policy forward per latent (10)
+    full_dpo = _rows(full_report, "full")["dpo"]
+    assert full_dpo["forward_equivalents_per_pair"] < row["forward_equivalents_per_pair"] <= 10.05
+
+
+def test_count_only_real_sdxl_config(capsys):
+    """The real SDXL-base config through the real code path on the meta device (no compute): the counts of
+    /work/shared/reference/PERFORMANCE.md: 6.76 TFLOP per 1024 px forward, ~54 per DPO pair, ~41 per MaPO pair."""
+    report = _bench_module().main(["--count-only", "--objective", "dpo", "--micro-batch", "1"])
+    capsys.readouterr()
+    (dpo,) = report["rows"]
+    assert dpo["params_total"] == 2_567_463_684
+    assert dpo["flops_one_forward"] / 1e12 == pytest.approx(6.76, abs=0.01)
+    assert dpo["flops_per_pair"] / 1e12 == pytest.approx(54, rel=0.01)
+    # the forward phase is policy + reference on the same 2 latents; MaPO is DPO without the reference forward
+    mapo_per_pair = dpo["flops_forward_phase"] / 2 + dpo["flops_backward_phase"]
+    assert mapo_per_pair / 1e12 == pytest.approx(41, rel=0.02)
+    assert dpo["pairs_per_s_at_measured_matmul"] == pytest.approx(14.7, rel=0.02)  # the reference's ceiling
+
+
+# ---------------------------------------------------------------- t2ialign.training.speed
+
+def _small_convnet():
+    return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
+
+
+def test_compile_unet_sets_persistent_cache_in_place(tmp_path, monkeypatch):
+    from t2ialign.training.speed import compile_unet, is_compiled
+
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(variable, "")  # restored after the test
+        monkeypatch.delenv(variable)
+    calls = []
+    # nn.Module.compile itself is PyTorch's (a real compile is the GPU benchmark's job; importing dynamo costs ~10 s)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((self, kwargs)))
+    model = _small_convnet()
+    keys = list(model.state_dict())
+    out = compile_unet(model, tmp_path / "inductor", mode="max-autotune-no-cudagraphs")
+    assert out is model and is_compiled(model)
+    assert calls == [(model, {"dynamic": None, "fullgraph": False, "mode": "max-autotune-no-cudagraphs"})]
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "inductor").resolve())
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    assert (tmp_path / "inductor").is_dir()
+    assert list(model.state_dict()) == keys  # in-place compile: no _orig_mod. prefix in checkpoints
+    assert compile_unet(model, tmp_path / "other") is model and len(calls) == 1  # idempotent: the first cache stays
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "inductor").resolve())
+
+
+def test_default_compile_cache_dir(monkeypatch, tmp_path):
+    from t2ialign.training.speed import default_compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_compile_cache_dir() == tmp_path / "t2ialign" / "torchinductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_compile_cache_dir() == tmp_path / "mine"
+
+
+def test_channels_last_and_config_fields():
+    from t2ialign.config import load_train_config
+    from t2ialign.training.speed import apply_speed_settings, is_compiled
+
+    config = load_train_config(data={"channels_last": True})
+    assert config.channels_last and not config.compile and config.compile_cache_dir is None
+    policy, reference = _small_convnet(), _small_convnet()
+    x = torch.randn(2, 4, 8, 8)
+    before = policy(x)
+    apply_speed_settings(config, policy, reference)
+    for model in (policy, reference):
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert not is_compiled(model)
+    torch.testing.assert_close(policy(x), before)

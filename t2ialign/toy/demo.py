@@ -144,6 +144,9 @@ def _table(rows: list[dict]) -> str:
 def run_demo(settings: DemoSettings) -> dict:
     pairs_mod, preferences, pretrain, _ = _toy()
     started = time.time()
+    # the toy models' kernels are too small to split across threads: one thread is several times
+    # faster, and on a busy machine OpenMP spin-waiting would make more threads up to 50x slower
+    torch.set_num_threads(1)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     preference_name = settings.preference or preferences.DEFAULT_PREFERENCE

@@ -20,7 +20,7 @@ register_objective(ObjectiveSpec("dpo_sign_flipped", flipped_dpo_loss, descripti
 # the same hyperparameters as the demo's DPO, only the sign differs
 OBJECTIVE_RECIPES["dpo_sign_flipped"] = {**OBJECTIVE_RECIPES["dpo"], "objective": {**OBJECTIVE_RECIPES["dpo"]["objective"], "name": "dpo_sign_flipped"}}
 
-BUDGET = dict(num_pairs=256, train_steps=60, curve_points=1, train_batch_size=16, num_eval_prompts=96, sample_steps=12)
+BUDGET = dict(num_pairs=512, train_steps=120, curve_points=1, train_batch_size=16, num_eval_prompts=96, sample_steps=12)
 
 
 @pytest.fixture(scope="module")
@@ -65,5 +65,6 @@ def test_dpo_raises_the_toy_reward_and_a_sign_flipped_objective_does_not(toy_wor
     base_mean = mean_reward(base_rewards)
     dpo_mean, dpo_win = results["dpo"]
     flipped_mean, flipped_win = results["dpo_sign_flipped"]
-    assert dpo_mean > base_mean and dpo_win.low > 0.5, (base_mean, results)
+    assert dpo_mean > base_mean and dpo_win.win_rate > 0.5, (base_mean, results)
     assert flipped_mean < base_mean and flipped_win.win_rate < 0.5, (base_mean, results)
+    assert dpo_win.win_rate - flipped_win.win_rate > 0.15, results

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per objective")
     parser.add_argument("--pairs", type=int, help="number of preference pairs to build")
     parser.add_argument("--eval-prompts", type=int, help="held-out prompts to score")
-    parser.add_argument("--lora", action="store_true", help="align LoRA adapters instead of the full UNet")
+    parser.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of LoRA adapters (the default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from t2ialign.toy.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(output_dir=args.out, seed=args.seed, lora=args.lora, preference=args.preference)
+    settings = DemoSettings(output_dir=args.out, seed=args.seed, lora=not args.full, preference=args.preference)
     if args.objectives:
         settings.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     for flag, key in (("steps", "train_steps"), ("pairs", "num_pairs"), ("eval_prompts", "num_eval_prompts")):

@@ -1,0 +1,202 @@
+"""Preference pairs from the base toy model, labelled by a programmatic preference, in Pick-a-Pic v2 form.
+
+For each prompt the base pipeline draws two images from different noise; the chosen preference
+labels the pair (optionally with Bradley-Terry noise and ties), and the world's captioner describes
+each image as it actually came out (``caption_0`` / ``caption_1``, what DCPO conditions on). The rows
+carry the Pick-a-Pic v2 columns (``reference/DATA.md``) so the ordinary data loader reads them, plus
+``reward_0`` / ``reward_1`` for inspection.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from t2ialign.toy import world
+from t2ialign.toy.preferences import DEFAULT_PREFERENCE, get_preference, label_pairs
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_NAME = "toy-base"
+PARQUET_NAME = "train.parquet"
+DISK_DIR_NAME = "hf_dataset"
+INFO_NAME = "pairs_info.json"
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 4.0
+
+
+def load_toy_pipeline(base: Optional[str | Path] = None):
+    """The base toy pipeline on CPU (pretrained and cached on first use when ``base`` is None)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from t2ialign.toy.pretrain import get_toy_pipeline
+
+    directory = Path(base) if base is not None else get_toy_pipeline()
+    pipeline = StableDiffusionXLPipeline.from_pretrained(directory)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def sample_toy_images(
+    pipeline,
+    prompts: Sequence[str],
+    *,
+    seed: int = 0,
+    images_per_prompt: int = 1,
+    num_inference_steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    batch_size: int = 256,
+) -> Tensor:
+    """Images ``(len(prompts) * images_per_prompt, 3, H, W)`` in [0, 1], prompt-major order.
+
+    One generator seeded once drives the whole run, so the result is a function of the seed and the
+    batch size (not of wall time or thread count).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    prompts = list(prompts)
+    per_batch = max(1, batch_size // images_per_prompt)
+    chunks = []
+    for start in range(0, len(prompts), per_batch):
+        output = pipeline(
+            prompt=prompts[start : start + per_batch],
+            num_images_per_prompt=images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pt",
+        )
+        chunks.append(output.images.float().clamp(0, 1).cpu())
+    return torch.cat(chunks)
+
+
+def image_bytes(image: Tensor, image_format: str = "png") -> bytes:
+    """Encode one ``(3, H, W)`` [0, 1] image; PNG keeps colours exact, JPEG is what Pick-a-Pic ships."""
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    if image_format.lower() in ("jpg", "jpeg"):
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    elif image_format.lower() == "png":
+        Image.fromarray(array).save(buffer, format="PNG")
+    else:
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    return buffer.getvalue()
+
+
+def _pickapic_rows(
+    captions: Sequence[str],
+    images_0: Tensor,
+    images_1: Tensor,
+    labels: Tensor,
+    rewards: tuple[Tensor, Tensor],
+    image_format: str,
+    seed: int,
+) -> dict[str, list]:
+    """Column-major rows in the Pick-a-Pic v2 schema (+ DCPO captions, + rewards)."""
+    ids = np.random.default_rng(seed)
+    uid = lambda: str(uuid.UUID(bytes=ids.bytes(16), version=4))  # noqa: E731 - seeded, reproducible uids
+    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    columns: dict[str, list] = {name: [] for name in (
+        "are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid", "image_0_url",
+        "image_1_uid", "image_1_url", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1",
+        "ranking_id", "user_id", "num_example_per_prompt", "caption_0", "caption_1", "reward_0", "reward_1",
+    )}
+    described_0, described_1 = world.describe(images_0), world.describe(images_1)
+    for i, caption in enumerate(captions):
+        uid_0, uid_1, label_0 = uid(), uid(), float(labels[i])
+        best = uid_0 if label_0 == 1.0 else uid_1 if label_0 == 0.0 else ""
+        row = {
+            "are_different": True, "best_image_uid": best, "caption": caption,
+            "created_at": start + timedelta(seconds=i), "has_label": True,
+            "image_0_uid": uid_0, "image_0_url": "", "image_1_uid": uid_1, "image_1_url": "",
+            "jpg_0": image_bytes(images_0[i], image_format), "jpg_1": image_bytes(images_1[i], image_format),
+            "label_0": label_0, "label_1": 1.0 - label_0, "model_0": BASE_MODEL_NAME, "model_1": BASE_MODEL_NAME,
+            "ranking_id": i, "user_id": 0, "num_example_per_prompt": 1,
+            "caption_0": described_0[i], "caption_1": described_1[i],
+            "reward_0": float(rewards[0][i]), "reward_1": float(rewards[1][i]),
+        }
+        for name, value in row.items():
+            columns[name].append(value)
+    return columns
+
+
+def _summary(preference: str, labels: Tensor, rewards_0: Tensor, rewards_1: Tensor, settings: dict) -> dict:
+    rewards = torch.cat([rewards_0, rewards_1])
+    decided = labels != 0.5
+    agree = ((rewards_0 > rewards_1) == (labels == 1.0))[decided & (rewards_0 != rewards_1)]
+    return {
+        **settings,
+        "preference": preference,
+        "num_pairs": len(labels),
+        "ties": int((~decided).sum()),
+        "label_0_share": float((labels == 1.0).float().mean()),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "mean_abs_reward_gap": float((rewards_0 - rewards_1).abs().mean()),
+        "labels_agreeing_with_reward": float(agree.float().mean()) if agree.numel() else None,
+    }
+
+
+def build_preference_pairs(
+    base: Optional[str | Path] = None,
+    out_dir: str | Path = "toy_pairs",
+    *,
+    preference: str = DEFAULT_PREFERENCE,
+    num_pairs: int = 512,
+    prompts: Optional[Sequence[str]] = None,
+    label_noise: float = 0.0,
+    tie_margin: float = 0.0,
+    seed: int = 0,
+    num_inference_steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    image_format: str = "png",
+    save_to_disk: bool = False,
+    batch_size: int = 256,
+) -> Path:
+    """Sample pairs from the toy pipeline at ``base`` (default: the cached one), label, write them.
+
+    Returns the path of ``out_dir/train.parquet`` (``datasets.load_dataset("parquet", data_files=...)``
+    reads it); ``out_dir`` also gets ``pairs_info.json`` (settings, label statistics) and, with
+    ``save_to_disk``, ``hf_dataset/`` for ``datasets.load_from_disk``. ``prompts`` defaults to
+    ``num_pairs`` random world captions drawn with ``seed``; ``label_noise`` is the Bradley-Terry
+    temperature and ``tie_margin`` the tie band, both in units of the preference's ``scale``.
+    """
+    import datasets
+
+    chosen = get_preference(preference)  # fail on a bad name before any sampling
+    prompts = list(prompts) if prompts is not None else world.sample_captions(num_pairs, seed=seed)
+    pipeline = load_toy_pipeline(base)
+    images = sample_toy_images(
+        pipeline, prompts, seed=seed, images_per_prompt=2, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, batch_size=batch_size,
+    )
+    images_0, images_1 = images[0::2], images[1::2]
+    generator = torch.Generator().manual_seed(seed + 1)
+    rewards_0, rewards_1, labels = label_pairs(
+        chosen, images_0, images_1, prompts, temperature=label_noise, tie_margin=tie_margin, generator=generator
+    )
+    columns = _pickapic_rows(prompts, images_0, images_1, labels, (rewards_0, rewards_1), image_format, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = datasets.Dataset.from_dict(columns)
+    parquet_path = out_dir / PARQUET_NAME
+    dataset.to_parquet(str(parquet_path))
+    if save_to_disk:
+        dataset.save_to_disk(str(out_dir / DISK_DIR_NAME))
+    settings = {
+        "base": str(base) if base is not None else "cached toy base", "seed": seed, "label_noise": label_noise,
+        "tie_margin": tie_margin, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+    }
+    summary = _summary(preference, labels, rewards_0, rewards_1, settings)
+    (out_dir / INFO_NAME).write_text(json.dumps(summary, indent=2))
+    logger.info("wrote %d %s pairs to %s (%d ties)", len(prompts), preference, parquet_path, summary["ties"])
+    return parquet_path

@@ -20,27 +20,22 @@ register_objective(ObjectiveSpec("dpo_sign_flipped", flipped_dpo_loss, descripti
 # the same hyperparameters as the demo's DPO, only the sign differs
 OBJECTIVE_RECIPES["dpo_sign_flipped"] = {**OBJECTIVE_RECIPES["dpo"], "objective": {**OBJECTIVE_RECIPES["dpo"]["objective"], "name": "dpo_sign_flipped"}}
 
-BUDGET = dict(num_pairs=512, train_steps=120, curve_points=1, train_batch_size=16, num_eval_prompts=96, sample_steps=12)
+BUDGET = dict(num_pairs=512, train_steps=150, curve_points=1, train_batch_size=16, num_eval_prompts=96, sample_steps=20)
 
 
 @pytest.fixture(scope="module")
 def toy_world(tmp_path_factory):
-    import os
-
     from t2ialign.toy import pairs, preferences, pretrain
 
-    cache = tmp_path_factory.mktemp("toy_cache")
-    os.environ["T2IALIGN_CACHE"] = str(cache)
     torch.set_num_threads(1)
-    base = pretrain.get_toy_pipeline(cache=True, steps=TOY_PRETRAIN_STEPS)
+    # the demo's own base model: pretrained once (about 4-5 CPU minutes) into the content-addressed
+    # toy cache that `t2ialign demo` also uses, then reused by later runs
+    base = pretrain.get_toy_pipeline(cache=True)
     out = tmp_path_factory.mktemp("toy_demo")
     settings = DemoSettings(output_dir=str(out), rlg_scales=[], **BUDGET)
     pairs_path = pairs.build_preference_pairs(base, out / "pairs", preference=preferences.DEFAULT_PREFERENCE,
                                               num_pairs=settings.num_pairs, seed=0)
     return settings, base, pairs_path, preferences.get_preference(preferences.DEFAULT_PREFERENCE), out
-
-
-TOY_PRETRAIN_STEPS = 400
 
 
 def mean_reward(rewards: dict) -> float:
@@ -65,6 +60,5 @@ def test_dpo_raises_the_toy_reward_and_a_sign_flipped_objective_does_not(toy_wor
     base_mean = mean_reward(base_rewards)
     dpo_mean, dpo_win = results["dpo"]
     flipped_mean, flipped_win = results["dpo_sign_flipped"]
-    assert dpo_mean > base_mean and dpo_win.win_rate > 0.5, (base_mean, results)
+    assert dpo_mean > base_mean and dpo_win.low > 0.5, (base_mean, results)
     assert flipped_mean < base_mean and flipped_win.win_rate < 0.5, (base_mean, results)
-    assert dpo_win.win_rate - flipped_win.win_rate > 0.15, results

@@ -24,7 +24,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from t2ialign.config import ConfigError, check_model_source, load_train_config
+from t2ialign.config import ConfigError, load_train_config
+from t2ialign.preflight import check_model_source
 from t2ialign.errors import DataError, ModelNotFoundError, UserFacingError
 
 REPO = Path(__file__).resolve().parents[1]

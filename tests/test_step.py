@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from t2ialign.models.loading import load_components
 from t2ialign.models.text_encoding import encode_prompts

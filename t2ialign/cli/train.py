@@ -26,7 +26,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from t2ialign.config import check_model_source, load_train_config
+    from t2ialign.config import load_train_config
+    from t2ialign.preflight import check_model_source
 
     config = load_train_config(args.config, args.overrides)
     check_model_source(config)  # before the heavy imports: a wrong path or an offline hub id fails in a second

@@ -21,10 +21,10 @@ import torch
 import yaml
 from PIL import Image
 
-from t2ialign.config import SampleConfig, load_train_config, to_dict
+from t2ialign.config import SampleConfig, load_train_config
 from t2ialign.evaluation.prompts import PromptRecord
 from t2ialign.evaluation.sampling import sample
-from t2ialign.evaluation.stats import bootstrap_mean, bootstrap_win_rate
+from t2ialign.evaluation.stats import bootstrap_win_rate
 from t2ialign.training import train
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # with `t2ialign train`.
 OBJECTIVE_RECIPES = {
     "dpo": {"objective": {"name": "dpo", "beta": 2000.0}, "optim": {"learning_rate": 1e-3}},
-    "mapo": {"objective": {"name": "mapo", "beta": 0.5}, "optim": {"learning_rate": 1e-3}},
+    "mapo": {"objective": {"name": "mapo", "beta": 0.5}, "optim": {"learning_rate": 3e-4}},
     "dcpo": {"objective": {"name": "dcpo", "beta": 2000.0}, "optim": {"learning_rate": 1e-3}},
     "inpo": {"objective": {"name": "inpo", "beta": 2000.0}, "optim": {"learning_rate": 1e-3}},
     "sft": {"objective": {"name": "sft"}, "optim": {"learning_rate": 1e-3}},

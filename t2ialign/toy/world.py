@@ -12,7 +12,6 @@ which gives DCPO its per-image captions.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence

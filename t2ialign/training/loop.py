@@ -16,7 +16,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from t2ialign.config import TrainConfig, check_model_source, to_dict
+from t2ialign.config import TrainConfig, to_dict
+from t2ialign.preflight import check_model_source
 from t2ialign.errors import UserFacingError
 from t2ialign.objectives import get_objective, objective_params
 from t2ialign.training.batches import ResumableBatchSampler, make_loader

@@ -60,7 +60,7 @@ def load_training_components(config: TrainConfig, device):
 def check_loaded_scheduler(config: TrainConfig, spec: ObjectiveSpec, components) -> None:
     """The scheduler check of ``check_model_source`` again on the loaded config (covers hub models that were
     not cached yet, whose scheduler config could not be read before loading)."""
-    from t2ialign.config import check_scheduler_compat
+    from t2ialign.preflight import check_scheduler_compat
 
     scheduler_config = dict(components.noise_scheduler.config)
     scheduler_config.setdefault("_class_name", type(components.noise_scheduler).__name__)

@@ -37,7 +37,7 @@ OBJECTIVE_RECIPES = {
     "mapo": {"objective": {"name": "mapo", "beta": 0.5}, "optim": {"learning_rate": 3e-4}},
     "dcpo": {"objective": {"name": "dcpo", "beta": 2000.0}, "optim": {"learning_rate": 1e-3}},
     "inpo": {"objective": {"name": "inpo", "beta": 2000.0}, "optim": {"learning_rate": 1e-3}},
-    "sft": {"objective": {"name": "sft"}, "optim": {"learning_rate": 1e-3}},
+    "sft": {"objective": {"name": "sft"}, "optim": {"learning_rate": 3e-3}},
 }
 
 

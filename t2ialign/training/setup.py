@@ -94,6 +94,10 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    # speed levers (config.channels_last / config.compile): after LoRA and checkpointing, before prepare
+    from t2ialign.training.speed import apply_speed_settings
+
+    apply_speed_settings(config, unet, reference)
     logger.info(
         "policy: %.1fM trainable of %.1fM parameters; reference: %s",
         sum(p.numel() for p in trainable) / 1e6,

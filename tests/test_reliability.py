@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.configs import with_overrides
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,12 +52,7 @@ def write_config(path: Path, pipeline_dir, parquet, output_dir, **extra) -> Path
         "report_to": "none",
         "progress_bar": False,
     }
-    for key, value in extra.items():
-        section, _, name = key.partition("__")
-        if name:
-            config.setdefault(section, {})[name] = value
-        else:
-            config[key] = value
+    with_overrides(config, extra)
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.configs import with_overrides
 import torch
 import yaml
 
@@ -28,12 +29,7 @@ def tiny_config(tmp_path, pipeline_dir, parquet, reference_dtype="fp32", **extra
         "report_to": "tensorboard",
         "progress_bar": False,
     }
-    for key, value in extra.items():
-        section, _, name = key.partition("__")
-        if name:
-            config.setdefault(section, {})[name] = value
-        else:
-            config[key] = value
+    with_overrides(config, extra)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -148,6 +148,27 @@ def _transformers_class(index: dict, name: str, default: str):
 
 # ---------------------------------------------------------------- loaders
 
+def _load_model(cls, what: str, pipeline_subfolder: str, pretrained: str, subfolder, *, hub_uses_subfolder: bool,
+                dtype, device, revision, variant, local_files_only):
+    """One diffusers model from a bare export (config.json at the root) or a pipeline's subfolder.
+
+    ``subfolder=None`` picks: a directory with its own config.json is a bare export; any other
+    directory is a pipeline. A hub id is read from the pipeline subfolder when ``hub_uses_subfolder``
+    (UNets), and from its root otherwise (standalone VAEs such as an fp16-fix VAE).
+    """
+    pretrained = str(pretrained)
+    _require_existing_dir(pretrained, what)
+    location = _resolve(pretrained)
+    if subfolder is None and (hub_uses_subfolder or Path(location).is_dir()):
+        subfolder = None if (Path(location) / "config.json").is_file() else pipeline_subfolder
+    with _translate_not_found(what, pretrained, subfolder):
+        model = cls.from_pretrained(
+            location, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=dtype,
+            local_files_only=local_files_only,
+        )
+    return model.to(device)
+
+
 def load_unet(
     pretrained_or_unet_dir: str,
     *,
@@ -158,26 +179,11 @@ def load_unet(
     variant=None,
     local_files_only: bool = False,
 ) -> UNet2DConditionModel:
-    """Load a UNet from a pipeline (``unet/`` subfolder) or from a bare UNet export directory.
-
-    ``subfolder=None`` picks automatically: a directory with its own config.json is a UNet export;
-    anything else (a pipeline directory or hub id) is read from its ``unet/`` subfolder.
-    """
-    pretrained_or_unet_dir = str(pretrained_or_unet_dir)
-    _require_existing_dir(pretrained_or_unet_dir, "UNet")
-    location = _resolve(pretrained_or_unet_dir)
-    if subfolder is None:
-        subfolder = None if (Path(location) / "config.json").is_file() else "unet"
-    with _translate_not_found("UNet", pretrained_or_unet_dir, subfolder):
-        unet = UNet2DConditionModel.from_pretrained(
-            location,
-            subfolder=subfolder,
-            revision=revision,
-            variant=variant,
-            torch_dtype=dtype,
-            local_files_only=local_files_only,
-        )
-    return unet.to(device)
+    """Load a UNet from a pipeline (``unet/`` subfolder) or from a bare UNet export directory."""
+    return _load_model(
+        UNet2DConditionModel, "UNet", "unet", pretrained_or_unet_dir, subfolder, hub_uses_subfolder=True,
+        dtype=dtype, device=device, revision=revision, variant=variant, local_files_only=local_files_only,
+    )
 
 
 def load_vae(
@@ -191,21 +197,11 @@ def load_vae(
     local_files_only: bool = False,
 ) -> AutoencoderKL:
     """A frozen AutoencoderKL: a standalone VAE (config.json at the root) or a pipeline's ``vae/``."""
-    pretrained = str(pretrained)
-    _require_existing_dir(pretrained, "VAE")
-    location = _resolve(pretrained)
-    if subfolder is None and Path(location).is_dir():
-        subfolder = None if (Path(location) / "config.json").is_file() else "vae"
-    with _translate_not_found("VAE", pretrained, subfolder):
-        vae = AutoencoderKL.from_pretrained(
-            location,
-            subfolder=subfolder,
-            revision=revision,
-            variant=variant,
-            torch_dtype=dtype,
-            local_files_only=local_files_only,
-        )
-    return _freeze(vae.to(device))
+    vae = _load_model(
+        AutoencoderKL, "VAE", "vae", pretrained, subfolder, hub_uses_subfolder=False,
+        dtype=dtype, device=device, revision=revision, variant=variant, local_files_only=local_files_only,
+    )
+    return _freeze(vae)
 
 
 def _load_text_encoder(cls, location, subfolder, *, dtype, device, revision, variant, local_files_only):

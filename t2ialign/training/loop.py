@@ -108,6 +108,7 @@ def train(config: TrainConfig) -> TrainResult:
     # cheap checks first: a missing model or an incompatible scheduler fails before anything heavy loads
     check_model_source(config)
     accelerator = make_accelerator(config)
+    _check_engine_compat(config, accelerator)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +165,18 @@ def train(config: TrainConfig) -> TrainResult:
         logger.info("data: %s", summary())
     accelerator.end_training()
     return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped)
+
+
+def _check_engine_compat(config: TrainConfig, accelerator) -> None:
+    from t2ialign.config import ConfigError
+    from t2ialign.training.checkpoint import uses_accelerate_format
+
+    if config.optim.offload and uses_accelerate_format(accelerator):
+        raise ConfigError(
+            f"optim.offload: not with {accelerator.distributed_type.value}, which shards the optimizer itself; set "
+            "optim.offload=false and use its own offload in the accelerate config (DeepSpeed: offload_optimizer_device: cpu; "
+            "FSDP: fsdp_offload_params: true)"
+        )
 
 
 def _warn_on_changed_layout(config, accelerator, state: TrainerState, path):

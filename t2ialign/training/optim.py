@@ -15,10 +15,18 @@ def build_optimizer(params, cfg: OptimConfig, learning_rate: float) -> torch.opt
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: no parameter requires gradients (check lora.enabled / lora.target_modules)")
+    if cfg.offload:  # the same optimizer, on fp32 master copies in host RAM
+        from t2ialign.training.offload import CPUOffloadOptimizer
+
+        return CPUOffloadOptimizer(params, lambda masters: _build_on(masters, cfg, learning_rate))
+    return _build_on(params, cfg, learning_rate)
+
+
+def _build_on(params, cfg: OptimConfig, learning_rate: float) -> torch.optim.Optimizer:
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
-        # fused AdamW is one kernel per step on CUDA; fall back to foreach elsewhere
-        fused = all(p.is_cuda for p in params)
+        # fused AdamW: one kernel per step on CUDA; on the CPU (offload, CPU runs) a vectorised loop, 6x foreach's speed
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
         return torch.optim.AdamW(
             params, lr=learning_rate, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None
         )

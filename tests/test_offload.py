@@ -1,0 +1,151 @@
+"""Issue 9 — optimizer offload (``optim.offload``): fp32 masters and optimizer states in host RAM.
+
+On this CPU-only machine the "device" parameters are CPU tensors too, but every step still goes through
+the offload path (gradients copied into the host buffers, the inner optimizer updating the masters, the
+weights copied back), so these tests check its arithmetic, its state layout and its resume behaviour.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_reliability import assert_same_trajectory, cli, killed, metrics, ok, write_config
+
+from t2ialign.config import ConfigError, OptimConfig, TrainConfig, validate_train_config
+from t2ialign.training.offload import CPUOffloadOptimizer
+from t2ialign.training.optim import build_lr_scheduler, build_optimizer
+
+
+def small_model(seed=0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 12), torch.nn.Linear(12, 1))
+
+
+def plain_fused_adamw(params, lr=3e-2):
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
+
+
+def train_steps(model, optimizer, steps, seed=1, scheduler=None, frozen=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=gen)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        if frozen is not None:  # a parameter whose gradient is absent this step
+            frozen.grad = None
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def assert_identical(model_a, model_b):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), f"{name} differs by {float((a - b).abs().max())}"
+
+
+def test_offloaded_adamw_is_bitwise_the_same_update_as_adamw_on_the_device():
+    device_model, offload_model = small_model(), small_model()
+    device_opt = plain_fused_adamw(device_model.parameters())
+    offload_opt = CPUOffloadOptimizer(offload_model.parameters(), plain_fused_adamw)
+    train_steps(device_model, device_opt, 7, frozen=device_model[2].bias)
+    train_steps(offload_model, offload_opt, 7, frozen=offload_model[2].bias)
+    assert_identical(device_model, offload_model)
+    # the bias without gradients was left alone (no state, no weight decay), as AdamW does on the device
+    assert torch.equal(offload_model[2].bias, small_model()[2].bias)
+    assert offload_opt.inner.state.keys().isdisjoint({offload_opt._masters[3]})
+
+
+def test_the_lr_schedule_reaches_the_inner_optimizer_and_the_config_builds_it():
+    config = OptimConfig(learning_rate=2e-2, warmup_steps=3, lr_scheduler="constant_with_warmup", offload=True)
+    device_model, offload_model = small_model(), small_model()
+    device_opt = plain_fused_adamw(device_model.parameters(), lr=2e-2)
+    device_opt.param_groups[0].update(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    offload_opt = build_optimizer(offload_model.parameters(), config, 2e-2)
+    assert isinstance(offload_opt, CPUOffloadOptimizer) and offload_opt.inner.defaults["fused"]
+    train_steps(device_model, device_opt, 5, scheduler=build_lr_scheduler(device_opt, config, 10))
+    scheduler = build_lr_scheduler(offload_opt, config, 10)
+    train_steps(offload_model, offload_opt, 5, scheduler=scheduler)
+    assert_identical(device_model, offload_model)
+    assert offload_opt.inner.param_groups[0]["lr"] == pytest.approx(2e-2 * 3 / 3)  # set before the last step
+    assert offload_opt.state_dict()["param_groups"][0]["lr"] == scheduler.get_last_lr()[0]
+
+
+def test_state_dict_has_the_device_optimizers_layout_and_resume_is_exact():
+    uninterrupted = small_model()
+    opt = CPUOffloadOptimizer(uninterrupted.parameters(), plain_fused_adamw)
+    train_steps(uninterrupted, opt, 3, seed=1)
+    saved_weights = copy.deepcopy(uninterrupted.state_dict())
+    saved_state = copy.deepcopy(opt.state_dict())
+    train_steps(uninterrupted, opt, 3, seed=2)
+
+    # the same keys and shapes as AdamW's own state dict: checkpoints move between offload and no offload
+    device_model = small_model()
+    device_opt = plain_fused_adamw(device_model.parameters())
+    train_steps(device_model, device_opt, 1)
+    plain = device_opt.state_dict()
+    assert saved_state["state"].keys() == plain["state"].keys()
+    for index, entry in plain["state"].items():
+        assert {k: v.shape for k, v in saved_state["state"][index].items()} == {k: v.shape for k, v in entry.items()}
+
+    # resume: a fresh model and optimizer (masters made from the fresh weights), then the checkpoint loaded
+    resumed = small_model(seed=5)
+    resumed_opt = CPUOffloadOptimizer(resumed.parameters(), plain_fused_adamw)
+    resumed.load_state_dict(saved_weights)
+    resumed_opt.load_state_dict(saved_state)
+    train_steps(resumed, resumed_opt, 3, seed=2)
+    assert_identical(uninterrupted, resumed)
+
+
+def test_masters_keep_fp32_precision_for_bf16_device_weights():
+    # updates of 1e-4 on a weight of 1.0 are below bf16's resolution there (2**-7): bf16 AdamW never moves it
+    weight_bf16 = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    bf16_only = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    make = lambda ps: torch.optim.SGD(ps, lr=1e-4)  # noqa: E731  (SGD: the update is exactly lr * grad)
+    offload_opt = CPUOffloadOptimizer([weight_bf16], make)
+    plain_opt = make([bf16_only])
+    for _ in range(200):
+        for p, opt in ((weight_bf16, offload_opt), (bf16_only, plain_opt)):
+            p.grad = -torch.ones_like(p)
+            opt.step()
+    assert torch.equal(bf16_only, torch.ones(4, dtype=torch.bfloat16))
+    master = offload_opt._masters[0]
+    assert master.dtype == torch.float32
+    torch.testing.assert_close(master, torch.full((4,), 1.02), rtol=0, atol=1e-5)
+    assert torch.equal(weight_bf16, master.to(torch.bfloat16))  # 1.02 rounded: 1.0234375
+
+
+def test_offload_works_with_adafactor_and_rejects_8bit_adamw():
+    config = OptimConfig(optimizer="adafactor", learning_rate=1e-2, offload=True)
+    device_model, offload_model = small_model(), small_model()
+    device_opt = build_optimizer(device_model.parameters(), OptimConfig(optimizer="adafactor", learning_rate=1e-2), 1e-2)
+    offload_opt = build_optimizer(offload_model.parameters(), config, 1e-2)
+    train_steps(device_model, device_opt, 4)
+    train_steps(offload_model, offload_opt, 4)
+    assert_identical(device_model, offload_model)
+
+    bad = TrainConfig()
+    bad.optim.offload, bad.optim.optimizer = True, "adamw8bit"
+    with pytest.raises(ConfigError, match="optim.offload.*adamw8bit"):
+        validate_train_config(bad)
+
+
+@pytest.mark.slow
+def test_offloaded_training_matches_the_device_optimizer_and_resumes_exactly(tmp_path, tiny_sdxl_dir, pickapic_parquet):
+    # the real trainer (full fine-tune DPO, grad clipping, warmup): offload on vs off, then SIGKILL + resume
+    device = write_config(tmp_path / "device.yaml", tiny_sdxl_dir, pickapic_parquet, tmp_path / "device")
+    offload = write_config(tmp_path / "offload.yaml", tiny_sdxl_dir, pickapic_parquet, tmp_path / "offload", optim__offload=True)
+    ok(cli("train", str(device)))
+    ok(cli("train", str(offload)))
+    assert final_unet_bytes(tmp_path / "device") == final_unet_bytes(tmp_path / "offload")
+
+    killed(cli("train", str(offload), "--set", f"output_dir={tmp_path / 'killed'}", kill="micro_step:5"))
+    ok(cli("train", str(offload), "--set", f"output_dir={tmp_path / 'killed'}", "--set", "resume=latest"))
+    assert_same_trajectory(metrics(tmp_path / "offload"), metrics(tmp_path / "killed"))
+    assert final_unet_bytes(tmp_path / "offload") == final_unet_bytes(tmp_path / "killed")
+
+
+def final_unet_bytes(run_dir) -> bytes:
+    return (run_dir / "final/unet/diffusion_pytorch_model.safetensors").read_bytes()

@@ -92,7 +92,9 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
         unet.requires_grad_(True)
         trainable = [p for p in unet.parameters() if p.requires_grad]
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        from t2ialign.training.activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(unet, config.gradient_checkpointing_mode)
     unet.train()
     # speed levers (config.channels_last / config.compile): after LoRA and checkpointing, before prepare
     from t2ialign.training.speed import apply_speed_settings

@@ -1,9 +1,11 @@
 """The training step on real tiny models: DCPO conditioning order, v-prediction targets, InPO, reference-free runs."""
+import copy
 import gc
 import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from t2ialign.models.loading import load_components
 from t2ialign.models.text_encoding import encode_prompts
@@ -174,3 +176,88 @@ def test_mapo_run_instantiates_exactly_one_unet(tmp_path, tiny_sdxl_dir, pickapi
     finally:
         loop._run_steps = original
     assert seen and seen[0] - before == 1
+
+
+# ---------------------------------------------------------------- no host synchronisation inside the micro-step
+
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_assert_async"}
+
+
+class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def cached_batch(unet, num_pairs=2):
+    """A pre-encoded micro-batch as the cache reader collates it, with the embedding of "" for dropout."""
+    cfg = unet.config
+    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    gen = torch.Generator().manual_seed(0)
+    n = 2 * num_pairs
+    return {
+        "latents": torch.randn(n, cfg.in_channels, 16, 16, generator=gen),
+        "prompt_embeds": torch.randn(n, 77, cfg.cross_attention_dim, generator=gen),
+        "pooled_prompt_embeds": torch.randn(n, text_dim, generator=gen),
+        "null_prompt_embeds": torch.zeros(1, 77, cfg.cross_attention_dim),
+        "null_pooled_prompt_embeds": torch.zeros(1, text_dim),
+        "time_ids": torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * n),
+        "captions": [""] * num_pairs,
+    }
+
+
+@pytest.mark.parametrize("objective", ["dpo", "mapo", "dcpo", "sft"])
+def test_the_micro_step_never_reads_a_device_value_on_the_host(objective, monkeypatch):
+    """What would stall the GPU pipeline: .item()/bool()/.tolist() of a tensor (aten._local_scalar_dense) and
+    data-dependent shapes (nonzero, masked_select). Forward and backward of a cached batch with prompt dropout
+    must issue none; on CUDA each one waits for every queued kernel. (DDIM-InPO is the exception: its
+    inversion loop stops when no row is still active, one read per inversion step.)"""
+    from t2ialign.models.configs import sdxl_noise_scheduler
+    from t2ialign.models.loading import DiffusionComponents
+    from t2ialign.models.tiny import tiny_sdxl_components
+
+    unet = tiny_sdxl_components()["unet"]
+    components = DiffusionComponents(unet=unet, vae=None, noise_scheduler=sdxl_noise_scheduler(), is_sdxl=True)
+    spec = get_objective(objective)
+    reference = type(unet).from_config(unet.config).requires_grad_(False) if spec.needs_reference else None
+    models = StepModels(unet, unet, reference, components)
+    host_reads = []
+    for method in ("tolist", "item", "numpy"):  # CPU tensors answer these without a dispatched op
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _m=method, _o=original: host_reads.append(_m) or _o(self, *a))
+    recorder = OpRecorder()
+    with recorder:
+        output = preference_step(models, spec, objective_params(spec, None, {}), cached_batch(unet), resolution=128,
+                                 prompt_dropout=0.5, generator=torch.Generator().manual_seed(3))
+        output.loss.backward()
+    assert len(recorder.ops) > 500  # the UNet really ran under the recorder
+    monkeypatch.undo()
+    assert not set(recorder.ops) & HOST_READS, sorted(set(recorder.ops) & HOST_READS)
+    assert not host_reads, host_reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA's sync debug mode")
+def test_the_micro_step_on_cuda_does_not_synchronise():
+    from t2ialign.models.configs import sdxl_noise_scheduler
+    from t2ialign.models.loading import DiffusionComponents
+    from t2ialign.models.tiny import tiny_sdxl_components
+
+    unet = tiny_sdxl_components()["unet"].cuda()
+    components = DiffusionComponents(unet=unet, vae=None, noise_scheduler=sdxl_noise_scheduler(), is_sdxl=True)
+    spec = get_objective("dpo")
+    models = StepModels(unet, unet, copy.deepcopy(unet).requires_grad_(False), components)
+    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in cached_batch(unet).items()}
+    step = lambda: preference_step(models, spec, objective_params(spec, None, {}), batch, resolution=128,  # noqa: E731
+                                   prompt_dropout=0.5, generator=torch.Generator("cuda").manual_seed(3))
+    step().loss.backward()  # first call: lazy one-off setup (scheduler tables moved to the GPU, cuBLAS handles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            step().loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

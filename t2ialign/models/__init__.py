@@ -19,6 +19,7 @@ _EXPORTS = {
     "make_time_ids": "text_encoding",
     "unet_conditioning": "text_encoding",
     "drop_prompts": "text_encoding",
+    "prompt_keep_mask": "text_encoding",
     "add_lora": "lora",
     "adapters_disabled": "lora",
     "save_lora_weights": "lora",

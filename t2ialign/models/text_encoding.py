@@ -135,12 +135,19 @@ def unet_conditioning(is_sdxl: bool, embeds: PromptEmbeddings, time_ids: Optiona
     return kwargs
 
 
-def drop_prompts(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each prompt by "" with ``probability`` (classifier-free-guidance dropout).
+def prompt_keep_mask(count: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Classifier-free-guidance dropout decisions: True where a prompt is kept (dropped with ``probability``).
 
-    One draw per prompt; the caller applies it once per pair so winner and loser stay conditioned alike.
+    Drawn on the generator's device (the trainer's generators live on the GPU), so a caller that keeps the
+    mask on the device never waits for the GPU.
     """
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"prompt drop probability must be in [0, 1], got {probability}")
-    drop = torch.rand(len(prompts), generator=generator) < probability
-    return ["" if dropped else prompt for prompt, dropped in zip(prompts, drop.tolist())]
+    return torch.rand(count, generator=generator, device=generator.device) >= probability
+
+
+def drop_prompts(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each prompt by "" with ``probability``; one draw per prompt (callers draw once per pair so
+    winner and loser stay conditioned alike)."""
+    keep = prompt_keep_mask(len(prompts), probability, generator).tolist()
+    return [prompt if kept else "" for prompt, kept in zip(prompts, keep)]

@@ -46,6 +46,8 @@ class ResumableBatchSampler(Sampler):
 
 
 def make_loader(dataset, collate_fn, sampler: ResumableBatchSampler, num_workers: int) -> DataLoader:
+    # pinned batches let the step copy them to the GPU with non_blocking=True (no wait for queued kernels)
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )

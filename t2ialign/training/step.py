@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from t2ialign.inversion import ddim_inversion_target
 from t2ialign.models.lora import adapters_disabled
-from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, make_time_ids, unet_conditioning
+from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, make_time_ids, prompt_keep_mask, unet_conditioning
 from t2ialign.noising import noisy_latents_and_target, per_sample_error, sample_pair_timesteps
 from t2ialign.objectives import ObjectiveOutput, ObjectiveSpec
 
@@ -34,9 +34,9 @@ def _latents_from_batch(models: StepModels, batch: dict, generator: torch.Genera
     if "latent_mean" in batch or "latents" in batch:  # pre-encoded cache (t2ialign.data.cache)
         device = next(models.policy_unwrapped.parameters()).device
         if "latents" in batch:
-            return batch["latents"].to(device)
+            return batch["latents"].to(device, non_blocking=True)
         # the VAE posterior, sampled with the same generator draw as latent_dist.sample(generator) below
-        mean, std = (batch[k].to(device, torch.float32) for k in ("latent_mean", "latent_std"))
+        mean, std = (batch[k].to(device, torch.float32, non_blocking=True) for k in ("latent_mean", "latent_std"))
         eps = randn_tensor(mean.shape, generator=generator, device=device, dtype=torch.float32)
         return (mean + std * eps) * batch["latent_scaling_factor"]
     vae = models.components.vae
@@ -61,19 +61,24 @@ def _pair_captions(spec: ObjectiveSpec, batch: dict, dropout: float, generator: 
 
 
 def _drop_cached_prompts(embeds: PromptEmbeddings, batch: dict, dropout: float, generator) -> PromptEmbeddings:
-    """Prompt dropout on cached embeddings: the same per-pair draw as ``_pair_captions``, rows -> embedding of ""."""
+    """Prompt dropout on cached embeddings: the same per-pair draw as ``_pair_captions``, rows -> embedding of "".
+
+    Done on the generator's device (the GPU in training), where the embeddings are moved first: the
+    decisions never travel to the host, so the step does not wait for the GPU.
+    """
     if "null_prompt_embeds" not in batch:
         raise ValueError("data.prompt_dropout > 0 needs the cache's embedding of \"\" (batch['null_prompt_embeds'])")
-    num_pairs = len(embeds) // 2
-    keep = drop_prompts(["x"] * num_pairs, dropout, generator)
-    dropped = torch.tensor([k == "" for k in keep] * 2, device=embeds.prompt_embeds.device)
-    null = PromptEmbeddings(batch["null_prompt_embeds"], batch.get("null_pooled_prompt_embeds"))
-    mask = lambda x: dropped.view(-1, *[1] * (x.ndim - 1))  # noqa: E731
-    pooled = embeds.pooled_prompt_embeds
-    if pooled is not None:
-        pooled = torch.where(mask(pooled), null.pooled_prompt_embeds.to(pooled), pooled)
-    prompt = embeds.prompt_embeds
-    return PromptEmbeddings(torch.where(mask(prompt), null.prompt_embeds.to(prompt), prompt), pooled)
+    dropped = ~prompt_keep_mask(len(embeds) // 2, dropout, generator).repeat(2)
+
+    def swap(rows, null_row):
+        if rows is None:
+            return None
+        rows = rows.to(dropped.device, non_blocking=True)
+        mask = dropped.view(-1, *[1] * (rows.ndim - 1))
+        return torch.where(mask, null_row.to(rows, non_blocking=True), rows)
+
+    return PromptEmbeddings(swap(embeds.prompt_embeds, batch["null_prompt_embeds"]),
+                            swap(embeds.pooled_prompt_embeds, batch.get("null_pooled_prompt_embeds")))
 
 
 def _conditioning(models: StepModels, spec: ObjectiveSpec, batch: dict, resolution: int, dropout: float, generator) -> dict:
@@ -101,9 +106,10 @@ def _select(cond: dict, index) -> dict:
 
 
 def _to_device(cond: dict, device, dtype) -> dict:
-    out = {"encoder_hidden_states": cond["encoder_hidden_states"].to(device, dtype)}
+    """non_blocking: cached batches arrive pinned (make_loader), so the copies do not wait for the GPU."""
+    out = {"encoder_hidden_states": cond["encoder_hidden_states"].to(device, dtype, non_blocking=True)}
     if "added_cond_kwargs" in cond:
-        out["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in cond["added_cond_kwargs"].items()}
+        out["added_cond_kwargs"] = {k: v.to(device, dtype, non_blocking=True) for k, v in cond["added_cond_kwargs"].items()}
     return out
 
 

@@ -149,3 +149,25 @@ def test_offloaded_training_matches_the_device_optimizer_and_resumes_exactly(tmp
 
 def final_unet_bytes(run_dir) -> bytes:
     return (run_dir / "final/unet/diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_optimizer_benchmark_reports_each_memory_mode(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_reliability import ENV, REPO
+
+    out = tmp_path / "opt.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_optimizer.py", "--params", "3e6", "--steps", "1", "--threads", "1",
+                           "--json", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"adamw", "adafactor", "adamw+offload"}  # no CUDA here: 8-bit AdamW is skipped, and says so
+    assert "skipping adamw8bit" in proc.stderr
+    assert rows["adamw"]["device_state_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)  # exp_avg + exp_avg_sq, fp32
+    assert rows["adamw+offload"]["device_state_bytes_per_param"] == 0
+    assert rows["adamw+offload"]["host_bytes_per_param"] == pytest.approx(16.0, rel=1e-3)  # + masters + grad buffers
+    assert 0 < rows["adafactor"]["device_state_bytes_per_param"] < 4.0  # factored second moments
+    for row in rows.values():
+        assert row["sdxl_step_s"] == pytest.approx(row["step_ms"] / 1e3 * 2_567_463_684 / row["params"], rel=1e-6)

@@ -99,19 +99,26 @@ def test_lora_through_cli_exports_weights_that_load_lora_weights_reads(tmp_path,
 
 @pytest.mark.slow
 def test_two_process_accelerate_launch_keeps_replicas_identical(tmp_path, tiny_sdxl_dir, pickapic_parquet):
-    config = tiny_config(tmp_path, tiny_sdxl_dir, pickapic_parquet, max_steps=2, train_batch_size=1, checkpoint_every=0,
-                         report_to="none")
-    out = tmp_path / "digest.json"
-    # accelerate's own launcher starts one process on CPU; torchrun + ACCELERATE_USE_CPU gives gloo DDP
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests/helpers/train_tiny.py"), str(config), str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    digests = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
-    assert digests[0]["step"] == digests[1]["step"] == 2
-    assert digests[0]["digest"] == digests[1]["digest"], "the two processes ended with different parameters"
-    assert (tmp_path / "run" / "final" / "unet").is_dir()
+    """gloo DDP with 2 processes: replicas agree, and the offloaded optimizer gives the same weights bitwise."""
+    digests = {}
+    for offload in (False, True):
+        run_dir = tmp_path / f"offload_{offload}"
+        run_dir.mkdir()
+        config = tiny_config(run_dir, tiny_sdxl_dir, pickapic_parquet, max_steps=2, train_batch_size=1, checkpoint_every=0,
+                             report_to="none", optim__offload=offload)
+        out = run_dir / "digest.json"
+        # accelerate's own launcher starts one process on CPU; torchrun + ACCELERATE_USE_CPU gives gloo DDP
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(REPO / "tests/helpers/train_tiny.py"), str(config), str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
+        assert ranks[0]["step"] == ranks[1]["step"] == 2
+        assert ranks[0]["digest"] == ranks[1]["digest"], f"offload={offload}: the processes ended with different parameters"
+        assert (run_dir / "run" / "final" / "unet").is_dir()
+        digests[offload] = ranks[0]["digest"]
+    assert digests[True] == digests[False], "the offloaded optimizer changed the update"
 
 
 def test_bad_config_fails_before_loading_with_a_named_key(tmp_path):

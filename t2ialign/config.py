@@ -32,6 +32,9 @@ class ModelConfig:
     variant: Optional[str] = None  # e.g. "fp16" to read *.fp16.safetensors
     vae: Optional[str] = None  # override, e.g. "madebyollin/sdxl-vae-fp16-fix"
     reference_dtype: str = "bf16"  # precision of the frozen reference UNet (full fine-tune)
+    # precision of the trained UNet's weights on the GPU (full fine-tune). "bf16" halves weights and gradients and
+    # drops autocast's per-forward weight casts; the fp32 master weights live in host RAM (needs optim.offload)
+    policy_dtype: str = "fp32"
     attention: str = "sdpa"  # "sdpa" (PyTorch fused kernels) or "xformers"
     local_files_only: bool = False
 
@@ -135,6 +138,7 @@ class TrainConfig:
 CHOICES: dict[str, tuple] = {
     "model.reference_dtype": ("fp32", "fp16", "bf16"),
     "model.attention": ("sdpa", "xformers"),
+    "model.policy_dtype": ("fp32", "bf16"),
     "optim.optimizer": ("adamw", "adamw8bit", "adafactor"),
     "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
     "gradient_checkpointing_mode": ("full", "selective"),
@@ -284,6 +288,17 @@ STRING_LISTS = ("data.image_columns", "data.label_columns", "data.image_caption_
                 "data.model_names")
 
 
+def _check_bf16_policy(config: TrainConfig) -> None:
+    if config.lora.enabled:
+        raise ConfigError("model.policy_dtype: bf16 is for full fine-tunes; with LoRA the base is already frozen in half "
+                          "precision and the adapters stay fp32. Remove model.policy_dtype or set lora.enabled=false")
+    if not config.optim.offload:
+        raise ConfigError("model.policy_dtype: bf16 weights need fp32 master weights for the update, which t2ialign keeps "
+                          "in host RAM; set optim.offload=true (or keep model.policy_dtype=fp32 with bf16 autocast)")
+    if config.mixed_precision != "bf16":
+        raise ConfigError(f"model.policy_dtype: bf16 needs mixed_precision=bf16, got {config.mixed_precision!r}")
+
+
 def validate_train_config(config: TrainConfig) -> TrainConfig:
     """Everything that can be checked without touching a model file; one ConfigError naming the key."""
     from t2ialign.objectives import get_objective, objective_params  # objectives are torch-only and cheap to import
@@ -336,6 +351,8 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
             "optim.offload: bitsandbytes' 8-bit AdamW runs on the GPU only; use optim.optimizer=adamw (or adafactor) "
             "with optim.offload=true, or adamw8bit without offload"
         )
+    if config.model.policy_dtype == "bf16":
+        _check_bf16_policy(config)
     if config.keep_last_checkpoints < 1:
         raise ConfigError(f"keep_last_checkpoints: must be at least 1, got {config.keep_last_checkpoints}")
     if config.max_bad_steps < 1:

@@ -171,3 +171,64 @@ def test_optimizer_benchmark_reports_each_memory_mode(tmp_path):
     assert 0 < rows["adafactor"]["device_state_bytes_per_param"] < 4.0  # factored second moments
     for row in rows.values():
         assert row["sdxl_step_s"] == pytest.approx(row["step_ms"] / 1e3 * 2_567_463_684 / row["params"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- bf16 weights on the device, fp32 masters on the host
+
+def test_masters_are_checkpointed_only_when_the_device_weights_cannot_hold_them():
+    fp32 = CPUOffloadOptimizer(small_model().parameters(), plain_fused_adamw)
+    assert "master_weights" not in fp32.state_dict()
+    model = small_model().to(torch.bfloat16)
+    opt = CPUOffloadOptimizer(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=1e-4))
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert [m.dtype for m in saved["master_weights"]] == [torch.float32] * 6
+    fresh = small_model().to(torch.bfloat16)
+    fresh.load_state_dict(model.state_dict())
+    fresh_opt = CPUOffloadOptimizer(fresh.parameters(), lambda ps: torch.optim.SGD(ps, lr=1e-4))
+    fresh_opt.load_state_dict(saved)
+    for a, b in zip(opt._masters, fresh_opt._masters):
+        assert torch.equal(a, b)  # not re-made from the bf16 weights, which lost the 3e-4 steps
+    fresh_opt.load_masters_into_params()
+    assert all(p.dtype == torch.float32 for p in fresh.parameters())
+    assert torch.equal(fresh[0].weight, opt._masters[0])
+
+
+def test_bf16_policy_needs_offload_a_full_fine_tune_and_bf16_autocast():
+    config = TrainConfig()
+    config.model.policy_dtype, config.mixed_precision = "bf16", "bf16"
+    with pytest.raises(ConfigError, match="optim.offload=true"):
+        validate_train_config(config)
+    config.optim.offload = True
+    validate_train_config(config)
+    config.lora.enabled = True
+    with pytest.raises(ConfigError, match="full fine-tune"):
+        validate_train_config(config)
+    config.lora.enabled, config.mixed_precision = False, "no"
+    with pytest.raises(ConfigError, match="mixed_precision=bf16"):
+        validate_train_config(config)
+
+
+@pytest.mark.slow
+def test_bf16_weights_train_resume_exactly_and_export_the_fp32_masters(tmp_path, tiny_sdxl_dir, pickapic_parquet):
+    from safetensors.torch import load_file
+
+    settings = dict(optim__offload=True, model__policy_dtype="bf16", model__reference_dtype="bf16", mixed_precision="bf16")
+    config = write_config(tmp_path / "bf16.yaml", tiny_sdxl_dir, pickapic_parquet, tmp_path / "bf16", **settings)
+    ok(cli("train", str(config)))
+    # policy and reference are the same bf16 weights at the start: DPO's first loss is ln 2 exactly
+    assert metrics(tmp_path / "bf16")[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    exported = load_file(str(tmp_path / "bf16/final/unet/diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    masters = load_file(str(tmp_path / "bf16/checkpoint-00000004/optimizer.safetensors"))
+    assert sum(".master_weights." in k for k in masters) == len(exported)  # the checkpoint holds every master
+    # the export holds what bf16 cannot: some master values are not representable in bf16
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in exported.values())
+
+    killed(cli("train", str(config), "--set", f"output_dir={tmp_path / 'killed'}", kill="micro_step:5"))
+    ok(cli("train", str(config), "--set", f"output_dir={tmp_path / 'killed'}", "--set", "resume=latest"))
+    assert_same_trajectory(metrics(tmp_path / "bf16"), metrics(tmp_path / "killed"))
+    assert final_unet_bytes(tmp_path / "bf16") == final_unet_bytes(tmp_path / "killed")

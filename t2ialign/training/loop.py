@@ -157,6 +157,8 @@ def train(config: TrainConfig) -> TrainResult:
     _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable)
 
     export_dir = output_dir / "final"
+    if config.model.policy_dtype != "fp32":  # export the fp32 masters, not their bf16 rounding
+        getattr(optimizer, "optimizer", optimizer).load_masters_into_params()  # under accelerate's wrapper
     if accelerator.is_main_process:
         export_model(models.policy_unwrapped, components, config, export_dir)
     accelerator.wait_for_everyone()

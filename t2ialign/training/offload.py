@@ -83,14 +83,37 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             master.grad = None
 
     def state_dict(self) -> dict:
+        """The inner optimizer's state; plus the masters when the device weights are not fp32 (bf16 weights
+        cannot give them back exactly, and an exact resume needs them)."""
         self._sync_hyperparameters()
-        return self.inner.state_dict()
+        state = self.inner.state_dict()
+        if self._masters_carry_precision():
+            state["master_weights"] = list(self._masters)
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights", None)
         self.inner.load_state_dict(state_dict)  # moves the states to the masters' device (the CPU)
         for group, inner_group in zip(self.param_groups, self.inner.param_groups):
             group.update(_hyperparameters(inner_group))
-        self._masters_stale = True
+        if masters is not None:
+            with torch.no_grad():
+                for master, saved in zip(self._masters, masters):
+                    master.copy_(saved)
+        self._masters_stale = masters is None
+
+    def _masters_carry_precision(self) -> bool:
+        return any(p.dtype != torch.float32 for p in self._device_params())
+
+    @torch.no_grad()
+    def load_masters_into_params(self) -> None:
+        """Give the device parameters the fp32 master values, and the fp32 dtype (the final export of a run
+        with bf16 weights, so that it holds the updates that bf16 rounds away)."""
+        if self._masters_stale:
+            return
+        for param, master in zip(self._device_params(), self._masters):
+            param.data = master.to(param.device, copy=True)
 
 
 def _host_buffer(param: Tensor, pin_memory: bool) -> Tensor:

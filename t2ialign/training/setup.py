@@ -89,6 +89,8 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
         if spec.needs_reference:
             reference = copy.deepcopy(unet).to(dtype=DTYPES[config.model.reference_dtype])
             reference.requires_grad_(False).eval()
+        if config.model.policy_dtype == "bf16":  # the fp32 masters are kept by the optimizer (optim.offload)
+            unet.to(dtype=torch.bfloat16)
         unet.requires_grad_(True)
         trainable = [p for p in unet.parameters() if p.requires_grad]
     if config.gradient_checkpointing:

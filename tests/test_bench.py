@@ -1,7 +1,9 @@
 """Smoke tests of the training benchmark (scripts/bench_train.py --tiny) and of the speed levers.
 
 They check what the benchmark reports and that its FLOP counting is right (Diffusion-DPO does 8
-forward-equivalents per pair, MaPO 6, SFT 3), never how fast anything ran.
+forward-equivalents per pair, MaPO 6, SFT 3), never how fast anything ran. The memory estimate
+(--estimate-memory) is checked byte for byte: fake tensors against real ones, and against the arithmetic
+of weights, gradients and optimizer states.
 """
 import json
 import math
@@ -22,12 +24,16 @@ POSITIVE_FIELDS = (
 )
 
 
-def run_bench(*extra) -> dict:
-    cmd = [sys.executable, str(BENCH), "--tiny", "--json", "--grad-accum", "1", "--steps", "1", "--warmup", "0", *extra]
+def run_script(*args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(*extra) -> dict:
+    return run_script("--tiny", "--json", "--grad-accum", "1", "--steps", "1", "--warmup", "0", *extra)
 
 
 def check_row(row: dict) -> None:
@@ -189,3 +195,96 @@ def test_channels_last_and_config_fields():
         assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
         assert not is_compiled(model)
     torch.testing.assert_close(policy(x), before)
+
+
+# ---------------------------------------------------------------- --estimate-memory
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench_module()  # one module: the tiny UNet is built once for every in-process run
+
+
+def estimate(bench, *extra) -> list[dict]:
+    report = bench.main(["--tiny", "--estimate-memory", "--json", "--objective", "dpo", "--micro-batch", "1", *extra])
+    assert report["estimate_memory"] and "MemTracker" in report["peak_memory_kind"]
+    return report["rows"]
+
+
+@pytest.fixture(scope="module")
+def fake_estimates():
+    """The CLI on fake tensors (what the real SDXL config runs on): full fine-tune and LoRA r=4."""
+    report = run_script("--tiny", "--estimate-memory", "--json", "--objective", "dpo", "--lora-rank", "0,4", "--micro-batch", "1")
+    assert report["smoke_test"] is True and "fake" in report["device"] and report["allocator_slack"] == 1.1
+    return report["rows"]
+
+
+def test_estimate_fields(fake_estimates):
+    for row in fake_estimates:
+        assert row["tensors"] == "fake" and row["mixed_precision"] == "bf16" and row["autocast_policy"] == "cuda"
+        assert row["micro_steps_tracked"] == 2 and row["reference"] in ("frozen copy", "adapters disabled")
+        breakdowns = [row[k] for k in ("peak_breakdown_bytes", "persistent_bytes", "before_optimizer_step_bytes")]
+        for breakdown in breakdowns:
+            assert set(breakdown) == {"parameters", "buffers", "gradients", "activations", "temps", "optimizer_states",
+                                      "other", "total"}
+            assert breakdown["total"] == sum(v for k, v in breakdown.items() if k != "total")
+        assert row["peak_bytes"] == row["peak_breakdown_bytes"]["total"] > breakdowns[2]["total"] > breakdowns[1]["total"]
+        assert row["peak_gib"] == row["peak_bytes"] / 2**30 and row["peak_gib_with_slack"] == pytest.approx(1.1 * row["peak_gib"])
+        assert row["host_peak_bytes"] == 0 and row["activations_temps_peak_bytes"] > 0
+        # the fused CPU flash kernel, as flash attention on the GPU; not the math path, which materialises softmax(QK^T)
+        assert row["attention_ops"] == ["_scaled_dot_product_flash_attention_for_cpu",
+                                        "_scaled_dot_product_flash_attention_for_cpu_backward"]
+
+
+def test_estimate_byte_counts(fake_estimates):
+    full, lora = fake_estimates
+    n, trainable = full["params_total"], full["params_trainable"]
+    assert n == trainable
+    # fp32 policy (master weights) + the bf16 frozen reference; fp32 gradients; AdamW: exp_avg + exp_avg_sq in fp32
+    # and one fp32 step counter per parameter tensor
+    assert full["persistent_bytes"]["parameters"] == 4 * n + 2 * n
+    assert full["before_optimizer_step_bytes"]["gradients"] == 4 * trainable
+    step_counters = full["persistent_bytes"]["optimizer_states"] - 8 * trainable
+    assert 0 < step_counters < trainable / 100 and step_counters % 4 == 0
+    # after the backward, the autocast region still holds the bf16 copies of the fp32 weights (the trainer's layout),
+    # all but the normalisation weights, which run in fp32
+    assert 0.99 * 2 * n < full["before_optimizer_step_bytes"]["activations"] < 2 * n
+    # LoRA: the frozen base in bf16, fp32 adapters, gradients and states for the adapters only
+    n_lora = lora["params_trainable"]
+    assert lora["persistent_bytes"]["parameters"] == 2 * (lora["params_total"] - n_lora) + 4 * n_lora
+    assert lora["before_optimizer_step_bytes"]["gradients"] == 4 * n_lora
+    assert 8 * n_lora < lora["persistent_bytes"]["optimizer_states"] < 9 * n_lora
+    assert lora["peak_bytes"] < full["peak_bytes"]
+
+
+def test_estimate_fake_equals_real_tensors(bench, fake_estimates, capsys):
+    real = estimate(bench, "--lora-rank", "0,4", "--real-tensors")
+    capsys.readouterr()
+    for fake_row, real_row in zip(fake_estimates, real):
+        assert real_row["tensors"] == "real"
+        for key in ("peak_bytes", "peak_breakdown_bytes", "persistent_bytes", "before_optimizer_step_bytes",
+                    "activations_temps_peak_bytes", "attention_ops"):
+            assert fake_row[key] == real_row[key], key
+
+
+def test_estimate_checkpointing_and_offload(bench, fake_estimates, capsys):
+    full = fake_estimates[0]
+    (selective,) = estimate(bench, "--checkpointing", "--checkpointing-mode", "selective")
+    (checkpointed, offloaded) = [*estimate(bench, "--checkpointing"), *estimate(bench, "--offload")]
+    capsys.readouterr()
+    assert checkpointed["checkpointing_mode"] == "full" and selective["checkpointing_mode"] == "selective"
+    activations = [row["activations_temps_peak_bytes"] for row in (full, selective, checkpointed)]
+    assert activations[0] > activations[1] > activations[2]
+    assert full["peak_bytes"] > checkpointed["peak_bytes"]
+    # offload: masters, gradient buffers and AdamW states in host RAM, none of it in the device peak
+    n = offloaded["params_trainable"]
+    assert offloaded["offload"] and 16 * n < offloaded["host_peak_bytes"] < 16.1 * n
+    assert offloaded["persistent_bytes"]["optimizer_states"] == 0
+    assert offloaded["peak_bytes"] <= full["peak_bytes"] - 8 * n
+
+
+def test_estimate_flags_reach_the_train_config(bench):
+    args = bench.parse_args(["--estimate-memory", "--checkpointing", "--checkpointing-mode", "selective", "--offload"])
+    config = bench.make_train_config(args, "dpo", 0)
+    assert config.gradient_checkpointing and config.gradient_checkpointing_mode == "selective" and config.optim.offload
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--estimate-memory", "--objective", "inpo"])  # data-dependent control flow: not on fake tensors

@@ -98,6 +98,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--w", type=float, default=1.5, help="RLG scale (not 0 or 1, which run one model)")
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet(s)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="Inductor mode; reduce-overhead replays CUDA graphs (the eager step is launch-bound)")
+    parser.add_argument("--compile-cache-dir", default=None, help="persistent Inductor cache (default ~/.cache/t2ialign/torchinductor)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC convolution weights and latents")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (CPU runs)")
@@ -114,11 +118,20 @@ def main(argv=None) -> dict:
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    maybe_compile = (lambda m: torch.compile(m)) if args.compile else (lambda m: m)
+    if args.compile:  # compiled artefacts persist across runs, as in training (t2ialign.models.speed)
+        from t2ialign.models.speed import configure_compile_cache
+
+        configure_compile_cache(args.compile_cache_dir)
+    maybe_compile = (lambda m: torch.compile(m, mode=args.compile_mode)) if args.compile else (lambda m: m)
 
     results = {}
     base = build_unet(args.tiny, device, dtype)
     inputs = unet_inputs(base, args.batch, resolution, device, dtype)
+    if args.channels_last:
+        from t2ialign.models.speed import to_channels_last
+
+        to_channels_last(base)
+        inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
 
     def run(name, fn):
         if torch.device(device).type == "cuda":
@@ -158,7 +171,8 @@ def main(argv=None) -> dict:
         "bench": "rlg_sampling_step", "unet": "tiny-sdxl" if args.tiny else "sdxl-base-1.0 (random weights)",
         "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype).replace("torch.", ""), "resolution": resolution, "batch": args.batch, "cfg_batch": 2 * args.batch,
-        "w": args.w, "lora_rank": args.lora_rank, "compile": args.compile, "torch": torch.__version__,
+        "w": args.w, "lora_rank": args.lora_rank, "compile": args.compile, "compile_mode": args.compile_mode,
+        "channels_last": args.channels_last, "torch": torch.__version__,
         "results": results,
     }
     print(f"\n{'row':18s} {'median ms':>10s} {'min ms':>9s} {'x single':>9s} {'peak GiB':>9s}")

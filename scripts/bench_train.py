@@ -20,7 +20,7 @@ What is measured (per row = one objective x one mode):
   weights + a frozen copy in ``--reference-dtype``; LoRA: frozen base in the autocast dtype, fp32 adapters,
   reference = adapters disabled) and the optimizer by ``t2ialign.training.optim.build_optimizer`` (fused
   AdamW on CUDA), exactly as ``t2ialign train`` does. ``--compile`` / ``--channels-last`` go through
-  ``t2ialign.training.speed``.
+  ``t2ialign.models.speed``.
 - Each micro-step is ``preference_step`` (the trainer's own function) on a pre-encoded batch (random
   ``latents`` (2B,4,h,w), ``prompt_embeds`` (2B,77,2048), ``pooled_prompt_embeds``, ``time_ids``: the
   ``t2ialign cache`` layout, so the VAE and text encoders are excluded) and ``loss.backward()`` under
@@ -317,7 +317,7 @@ def count_only_row(args, objective: str, lora_rank: int, device) -> dict:
 
 
 def bench_row(args, objective: str, lora_rank: int, device) -> dict:
-    from t2ialign.training.speed import apply_speed_settings
+    from t2ialign.models.speed import apply_speed_settings
 
     built = build_row(args, objective, lora_rank, device)
     config, policy, reference = built["config"], built["policy"], built["reference"]
@@ -658,7 +658,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpointing", action="store_true", help="gradient (activation) checkpointing")
     parser.add_argument("--checkpointing-mode", choices=("full", "selective"), default="full",
                         help="with --checkpointing: recompute whole blocks (full) or only the cheap ops in them (selective)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet(s) (t2ialign.training.speed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet(s) (t2ialign.models.speed)")
     parser.add_argument("--compile-cache-dir", default=None, help="persistent Inductor cache (default ~/.cache/t2ialign/torchinductor)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last convolution weights and latents")
     parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa")

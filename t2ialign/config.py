@@ -128,12 +128,14 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     allow_tf32: bool = True
     progress_bar: bool = True
-    # speed levers (t2ialign.training.speed): torch.compile of the UNet(s), with a persistent compile cache
+    # speed levers (t2ialign.models.speed): torch.compile of the UNet(s), with a persistent compile cache
     # (default $TORCHINDUCTOR_CACHE_DIR or ~/.cache/t2ialign/torchinductor), and channels-last convolutions
     compile: bool = False
     compile_cache_dir: Optional[str] = None
     channels_last: bool = False
 
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 CHOICES: dict[str, tuple] = {
     "model.reference_dtype": ("fp32", "fp16", "bf16"),
@@ -430,6 +432,11 @@ class SampleConfig:
     device: str = "auto"
     scheduler: Optional[str] = None  # a diffusers scheduler class name, e.g. DDIMScheduler
     progress_bar: bool = True
+    # speed levers (t2ialign.models.speed), applied to every UNet the sampler runs (both RLG models)
+    compile: bool = False
+    compile_mode: Optional[str] = None  # None (Inductor default) | reduce-overhead (CUDA graphs) | max-autotune
+    compile_cache_dir: Optional[str] = None
+    channels_last: bool = False
 
 
 def load_sample_config(path=None, overrides=None, data=None) -> SampleConfig:
@@ -439,6 +446,8 @@ def load_sample_config(path=None, overrides=None, data=None) -> SampleConfig:
     raw = apply_overrides(raw, overrides or [])
     config = from_dict(SampleConfig, raw)
     _check_choice(config, "dtype", ("fp32", "fp16", "bf16"))
+    if config.compile_mode is not None:
+        _check_choice(config, "compile_mode", COMPILE_MODES)
     for key in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(config, key)}")

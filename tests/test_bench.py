@@ -143,14 +143,14 @@ def test_count_only_real_sdxl_config(capsys):
     assert dpo["pairs_per_s_at_measured_matmul"] == pytest.approx(14.7, rel=0.02)  # the reference's ceiling
 
 
-# ---------------------------------------------------------------- t2ialign.training.speed
+# ---------------------------------------------------------------- t2ialign.models.speed
 
 def _small_convnet():
     return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
 
 
 def test_compile_unet_sets_persistent_cache_in_place(tmp_path, monkeypatch):
-    from t2ialign.training.speed import compile_unet, is_compiled
+    from t2ialign.models.speed import compile_unet, is_compiled
 
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.setenv(variable, "")  # restored after the test
@@ -172,7 +172,7 @@ def test_compile_unet_sets_persistent_cache_in_place(tmp_path, monkeypatch):
 
 
 def test_default_compile_cache_dir(monkeypatch, tmp_path):
-    from t2ialign.training.speed import default_compile_cache_dir
+    from t2ialign.models.speed import default_compile_cache_dir
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -183,7 +183,7 @@ def test_default_compile_cache_dir(monkeypatch, tmp_path):
 
 def test_channels_last_and_config_fields():
     from t2ialign.config import load_train_config
-    from t2ialign.training.speed import apply_speed_settings, is_compiled
+    from t2ialign.models.speed import apply_speed_settings, is_compiled
 
     config = load_train_config(data={"channels_last": True})
     assert config.channels_last and not config.compile and config.compile_cache_dir is None

@@ -337,3 +337,25 @@ def test_rlg_sweep_writes_scores_and_plot(tiny_sdxl_dir, lora_dir, tmp_path):
              for d in ("w0", "w2")]
     assert seeds[0] == seeds[1]
     assert 0.0 <= saved["results"]["2"]["win_rate_vs_w0"]["brightness"]["win_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "rlg"])
+def test_sampler_compiles_and_converts_every_unet_it_runs(guided, tiny_sdxl_dir, aligned_unet_dir, tmp_path):
+    """``t2ialign sample --compile --compile-mode reduce-overhead --channels-last``: both RLG models get the levers
+    (compilation itself is lazy: it happens at the first denoising step)."""
+    from t2ialign.config import ConfigError, load_sample_config
+    from t2ialign.evaluation.sampling import build_sampler
+    from t2ialign.models.speed import is_compiled
+
+    overrides = [f"pretrained={tiny_sdxl_dir}", "compile=true", "compile_mode=reduce-overhead", "channels_last=true",
+                 f"compile_cache_dir={tmp_path / 'inductor'}"]
+    if guided:
+        overrides.append(f"guide_with={aligned_unet_dir}")
+    pipe, _ = build_sampler(load_sample_config(overrides=overrides), "cpu")
+    unets = [pipe.unet.base, pipe.unet.tuned] if guided else [pipe.unet]
+    for unet in unets:
+        assert is_compiled(unet)
+        assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (tmp_path / "inductor").is_dir()
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_sample_config(overrides=["compile_mode=fastest"])

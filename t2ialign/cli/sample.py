@@ -17,6 +17,7 @@ FLAGS = {
     "prompts": "prompts", "limit": "limit", "out": "output_dir", "num_images": "num_images_per_prompt",
     "seed": "seed", "steps": "num_inference_steps", "guidance": "guidance_scale", "resolution": "resolution",
     "batch_size": "batch_size", "dtype": "dtype", "device": "device", "scheduler": "scheduler",
+    "compile": "compile", "compile_mode": "compile_mode", "channels_last": "channels_last",
 }
 
 
@@ -38,6 +39,12 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="GPU precision (CPU always runs fp32)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, or auto (default)")
     parser.add_argument("--scheduler", help="diffusers scheduler class, e.g. DDIMScheduler")
+    parser.add_argument("--compile", action="store_const", const=True, help="torch.compile the UNet(s); the first batch "
+                        "compiles (minutes on SDXL), later runs reuse ~/.cache/t2ialign/torchinductor")
+    parser.add_argument("--compile-mode", dest="compile_mode", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="Inductor mode; reduce-overhead replays CUDA graphs (fewest kernel launches per step)")
+    parser.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
+                        help="NHWC convolution weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any SampleConfig key")
 
 

@@ -75,8 +75,26 @@ def build_sampler(config: SampleConfig, device: str):
     if config.guide_with:
         from t2ialign.guidance import rlg_pipeline
 
-        return rlg_pipeline(config, dtype=dtype, device=device)
-    return load_pipeline(config.pretrained, aligned=config.aligned, dtype=dtype, device=device, scheduler=config.scheduler), {}
+        pipe, extra = rlg_pipeline(config, dtype=dtype, device=device)
+    else:
+        pipe, extra = load_pipeline(config.pretrained, aligned=config.aligned, dtype=dtype, device=device,
+                                    scheduler=config.scheduler), {}
+    _apply_speed_levers(config, pipe)
+    return pipe, extra
+
+
+def _apply_speed_levers(config: SampleConfig, pipe) -> None:
+    """compile / channels-last on the UNets inside the pipeline (with RL guidance: the base and the aligned one)."""
+    if not (config.compile or config.channels_last):
+        return
+    from t2ialign.models.speed import apply_speed_settings
+
+    unet = pipe.unet
+    unets = [getattr(unet, "base", unet)]
+    tuned = getattr(unet, "tuned", None)
+    if tuned is not None and tuned is not unets[0]:
+        unets.append(tuned)
+    apply_speed_settings(config, *unets)
 
 
 def sample(config: SampleConfig, records=None) -> Path:

@@ -99,7 +99,7 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
         enable_activation_checkpointing(unet, config.gradient_checkpointing_mode)
     unet.train()
     # speed levers (config.channels_last / config.compile): after LoRA and checkpointing, before prepare
-    from t2ialign.training.speed import apply_speed_settings
+    from t2ialign.models.speed import apply_speed_settings
 
     apply_speed_settings(config, unet, reference)
     logger.info(

@@ -109,11 +109,12 @@ def to_channels_last(unet):
 
 
 def apply_speed_settings(config, policy, reference=None, cache_dir: Optional[str | os.PathLike] = None):
-    """Apply ``config.channels_last`` and ``config.compile`` (a ``TrainConfig``) to the policy and the reference.
+    """Apply ``config.channels_last`` and ``config.compile`` (a ``TrainConfig`` or ``SampleConfig``) to the models.
 
-    Call after LoRA adapters are attached and gradient checkpointing is set (compilation traces the module
-    as it is then), before ``accelerator.prepare``. ``cache_dir`` defaults to ``config.compile_cache_dir``
-    and then to ``default_compile_cache_dir()``. Safe to call twice.
+    Training: call after LoRA adapters are attached and gradient checkpointing is set (compilation traces the
+    module as it is then), before ``accelerate.prepare``. ``cache_dir`` defaults to ``config.compile_cache_dir``
+    and then to ``default_compile_cache_dir()``; ``config.compile_mode`` (if the config has one) picks the
+    Inductor mode, e.g. ``"reduce-overhead"`` (CUDA graphs) for sampling. Safe to call twice.
     """
     models = [m for m in (policy, reference) if m is not None]
     if getattr(config, "channels_last", False):
@@ -122,5 +123,5 @@ def apply_speed_settings(config, policy, reference=None, cache_dir: Optional[str
     if getattr(config, "compile", False):
         cache_dir = cache_dir or getattr(config, "compile_cache_dir", None)
         for model in models:
-            compile_unet(model, cache_dir)
+            compile_unet(model, cache_dir, mode=getattr(config, "compile_mode", None))
     return policy, reference

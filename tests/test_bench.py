@@ -288,3 +288,31 @@ def test_estimate_flags_reach_the_train_config(bench):
     assert config.gradient_checkpointing and config.gradient_checkpointing_mode == "selective" and config.optim.offload
     with pytest.raises(SystemExit):
         bench.parse_args(["--estimate-memory", "--objective", "inpo"])  # data-dependent control flow: not on fake tensors
+
+
+# ---------------------------------------------------------------- the other benchmarks run (smoke; no timing is asserted)
+
+def run_other_bench(script: str, *args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    return json.loads(out[out.index("{"):]) if out.lstrip().startswith("{") else json.loads(out.strip().splitlines()[-1])
+
+
+def test_sampling_benchmark_reports_every_rlg_variant():
+    report = run_other_bench("bench_sampling.py", "--tiny", "--channels-last", "--iters", "2", "--warmup", "1")
+    assert set(report["results"]) == {"single", "rlg_full", "lora_single", "rlg_lora_seq", "rlg_lora_batched"}
+    assert report["channels_last"] and report["cfg_batch"] == 2
+    assert all(row["median_ms"] > 0 and row["iters"] == 2 for row in report["results"].values())
+
+
+def test_scorer_and_cache_benchmarks_report_their_rows():
+    scorers = run_other_bench("bench_scorers.py", "--tiny", "--json")
+    assert {r["scorer"] for r in scorers["results"]} >= {"pickscore", "hpsv21", "clip", "aesthetic", "imagereward"}
+    assert all(r["images_per_s"] > 0 for r in scorers["results"])
+    cache = run_other_bench("bench_cache.py", "--no-sdxl", "--json", "--read-pairs", "64", "--read-seconds", "1")
+    kinds = {r["what"] for r in cache["results"]}
+    assert {"read", "getitem"} <= kinds
+    assert all(r["pairs_per_s"] > 0 for r in cache["results"] if r["what"] == "read")

@@ -280,6 +280,14 @@ def test_estimate_checkpointing_and_offload(bench, fake_estimates, capsys):
     assert offloaded["offload"] and 16 * n < offloaded["host_peak_bytes"] < 16.1 * n
     assert offloaded["persistent_bytes"]["optimizer_states"] == 0
     assert offloaded["peak_bytes"] <= full["peak_bytes"] - 8 * n
+    # bf16 weights on the device (fp32 masters on the host): bf16 policy + bf16 reference, bf16 gradients
+    (bf16,) = estimate(bench, "--offload", "--policy-dtype", "bf16")
+    capsys.readouterr()
+    assert bf16["policy_dtype"] == "bf16"
+    assert bf16["persistent_bytes"]["parameters"] == 2 * n + 2 * n
+    assert bf16["before_optimizer_step_bytes"]["gradients"] == 2 * n
+    assert 16 * n < bf16["host_peak_bytes"] < 16.1 * n
+    assert bf16["peak_bytes"] < offloaded["peak_bytes"] - 4 * n  # -2N weights, -2N gradients, no weight casts
 
 
 def test_estimate_flags_reach_the_train_config(bench):

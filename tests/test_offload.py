@@ -14,7 +14,7 @@ from test_reliability import assert_same_trajectory, cli, killed, metrics, ok, w
 
 from t2ialign.config import ConfigError, OptimConfig, TrainConfig, validate_train_config
 from t2ialign.training.offload import CPUOffloadOptimizer
-from t2ialign.training.optim import build_lr_scheduler, build_optimizer
+from t2ialign.training.optim import _build_on, build_lr_scheduler, build_optimizer
 
 
 def small_model(seed=0) -> torch.nn.Module:
@@ -56,6 +56,22 @@ def test_offloaded_adamw_is_bitwise_the_same_update_as_adamw_on_the_device():
     # the bias without gradients was left alone (no state, no weight decay), as AdamW does on the device
     assert torch.equal(offload_model[2].bias, small_model()[2].bias)
     assert offload_opt.inner.state.keys().isdisjoint({offload_opt._masters[3]})
+
+
+@pytest.mark.parametrize("make_inner", [plain_fused_adamw, lambda ps: _build_on(ps, OptimConfig(optimizer="adafactor"), 1e-2)],
+                         ids=["adamw", "adafactor"])
+def test_stepping_bucket_by_bucket_is_one_ordinary_step(make_inner):
+    """The overlapped step updates one bucket at a time; with every parameter in its own bucket (tiny buckets)
+    the result must be bitwise that of one bucket holding them all."""
+    one, many = small_model(), small_model()
+    one_opt = CPUOffloadOptimizer(one.parameters(), make_inner)
+    many_opt = CPUOffloadOptimizer(many.parameters(), make_inner, bucket_bytes=1)
+    assert len(one_opt._buckets) == 1 and len(many_opt._buckets) == len(list(many.parameters()))
+    train_steps(one, one_opt, 5, frozen=one[2].bias)
+    train_steps(many, many_opt, 5, frozen=many[2].bias)
+    assert_identical(one, many)
+    steps = [state["step"] for state in many_opt.inner.state.values() if "step" in state]
+    assert all(float(step) == 5 for step in steps)  # one step counted per optimizer step, not per bucket
 
 
 def test_the_lr_schedule_reaches_the_inner_optimizer_and_the_config_builds_it():
@@ -238,8 +254,9 @@ def test_bf16_weights_train_resume_exactly_and_export_the_fp32_masters(tmp_path,
 def test_offload_on_cuda_matches_adamw_on_the_device():
     device_model, offload_model = small_model().cuda(), small_model().cuda()
     device_opt = plain_fused_adamw(device_model.parameters())
-    offload_opt = CPUOffloadOptimizer(offload_model.parameters(), plain_fused_adamw)
+    offload_opt = CPUOffloadOptimizer(offload_model.parameters(), plain_fused_adamw, bucket_bytes=256)  # several buckets
     assert all(b.is_pinned() for b in offload_opt._grad_buffers + offload_opt._masters)
+    assert len(offload_opt._buckets) > 2
     for model, opt in ((device_model, device_opt), (offload_model, offload_opt)):
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):

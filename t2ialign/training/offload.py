@@ -2,7 +2,8 @@
 
 The GPU keeps the model's weights and gradients only. At each optimizer step the gradients are copied
 into pinned host buffers, the wrapped optimizer (AdamW, Adafactor, ...) updates fp32 master copies on the
-CPU, and the new weights are copied back. This is the ZeRO-Offload layout for one process, written as a
+CPU, and the new weights are copied back, in ~256 MiB buckets so that on a GPU the copies of one bucket
+(on side streams) overlap the CPU update of another. This is the ZeRO-Offload layout for one process, written as a
 plain ``torch.optim.Optimizer`` so that the LR scheduler, gradient clipping, accelerate's wrapper and the
 checkpoint code treat it like any other optimizer.
 
@@ -20,6 +21,7 @@ Not for DeepSpeed or FSDP: they shard the optimizer and have their own offload (
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -35,8 +37,10 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor], make_inner: Callable[[list[Tensor]], torch.optim.Optimizer],
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, bucket_bytes: int = 256 * 2**20):
         params = [p for p in params]
+        self._buckets = _buckets_by_size(params, bucket_bytes)
+        self._streams = None  # (download, upload) CUDA streams, made at the first step on a GPU
         if pin_memory is None:  # pinned host memory is what makes the copies asynchronous; CPU params need none
             pin_memory = any(p.is_cuda for p in params)
         self._masters = [_host_buffer(p, pin_memory) for p in params]
@@ -62,25 +66,58 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Bucket by bucket: wait for its gradients to reach host memory, update its masters, send its weights
+        back. On a GPU the copies run on side streams, so the transfer of one bucket overlaps the CPU update of
+        another. Stepping the inner optimizer once per bucket, with only that bucket's gradients set, is one
+        ordinary step: optimizers skip parameters whose gradient is None (and do not count a step for them)."""
         if closure is not None:
             raise ValueError("CPUOffloadOptimizer does not support closures")
         if self._masters_stale:  # the weights were loaded (resume) after the masters were made
             self._copy_weights_to_masters()
         self._sync_hyperparameters()
         params = self._device_params()
-        for param, master, buffer in zip(params, self._masters, self._grad_buffers):
-            if param.grad is None:
-                master.grad = None  # the inner optimizer skips it, as it would on the device
-                continue
-            buffer.copy_(param.grad, non_blocking=True)
-            master.grad = buffer
-        if any(p.is_cuda for p in params):
-            torch.cuda.synchronize()  # the gradients must have landed in host memory before the CPU reads them
-        self.inner.step()
-        for param, master in zip(params, self._masters):
-            if master.grad is not None:
-                param.copy_(master, non_blocking=True)  # ordered before the next kernels on the current stream
-            master.grad = None
+        on_gpu = any(p.is_cuda for p in params)
+        arrived = self._download_gradients(params, on_gpu)
+        for bucket, event in zip(self._buckets, arrived):
+            if event is not None:
+                event.synchronize()  # this bucket's gradients are in host memory; later buckets still travel
+            for i in bucket:
+                self._masters[i].grad = self._grad_buffers[i] if params[i].grad is not None else None
+            self.inner.step()
+            self._upload_weights(params, bucket, on_gpu)
+            for i in bucket:
+                self._masters[i].grad = None
+        if on_gpu:  # the next forward reads the new weights
+            torch.cuda.current_stream().wait_stream(self._streams[1])
+
+    def _download_gradients(self, params: list[Tensor], on_gpu: bool) -> list:
+        """Start every bucket's gradient copy; returns one CUDA event per bucket (None on the CPU)."""
+        if not on_gpu:
+            for i, param in enumerate(params):
+                if param.grad is not None:
+                    self._grad_buffers[i].copy_(param.grad)
+            return [None] * len(self._buckets)
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(params[0].device), torch.cuda.Stream(params[0].device))
+        download = self._streams[0]
+        download.wait_stream(torch.cuda.current_stream())  # the backward and the clipping have written the gradients
+        events = []
+        with torch.cuda.stream(download):
+            for bucket in self._buckets:
+                for i in bucket:
+                    if params[i].grad is not None:
+                        self._grad_buffers[i].copy_(params[i].grad, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(download)
+                events.append(event)
+        return events
+
+    def _upload_weights(self, params: list[Tensor], bucket: list[int], on_gpu: bool) -> None:
+        upload = self._streams[1] if on_gpu else None
+        with torch.cuda.stream(upload) if on_gpu else contextlib.nullcontext():
+            for i in bucket:
+                if self._masters[i].grad is not None:
+                    params[i].copy_(self._masters[i], non_blocking=on_gpu)
 
     def state_dict(self) -> dict:
         """The inner optimizer's state; plus the masters when the device weights are not fp32 (bf16 weights
@@ -114,6 +151,18 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             return
         for param, master in zip(self._device_params(), self._masters):
             param.data = master.to(param.device, copy=True)
+
+
+def _buckets_by_size(params: list[Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive parameter indices, ~``bucket_bytes`` of fp32 masters per bucket."""
+    buckets, current, size = [], [], 0
+    for i, param in enumerate(params):
+        current.append(i)
+        size += 4 * param.numel()
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    return buckets + [current] if current else buckets
 
 
 def _host_buffer(param: Tensor, pin_memory: bool) -> Tensor:

@@ -129,7 +129,9 @@ def train(config: TrainConfig) -> TrainResult:
     pairs_per_step = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     optimizer = build_optimizer(trainable, config.optim, effective_learning_rate(config.optim, pairs_per_step))
     lr_scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)  # the LR schedule is ours: one step per optimizer step
+    # the LR schedule is ours: one step per optimizer step. An offloaded optimizer keeps its state in host RAM:
+    # accelerate's device placement would send it (with bf16 weights: the fp32 masters) to the GPU and back
+    policy, optimizer = accelerator.prepare(policy, optimizer, device_placement=[True, not config.optim.offload])
     if reference is not None:
         reference.to(accelerator.device)
     models = StepModels(policy, accelerator.unwrap_model(policy), reference, components, lora=config.lora.enabled)

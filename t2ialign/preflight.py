@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from t2ialign.config import ConfigError, TrainConfig, _objectives
+from t2ialign.config import ConfigError, TrainConfig
+from t2ialign.config.train import _objectives
 from t2ialign.errors import ModelNotFoundError
 
 

@@ -1,28 +1,13 @@
-"""Typed run configuration: YAML files, ``--set key=value`` overrides and validation.
-
-Every recipe (train, cache, sample, ...) takes one of these dataclasses, so the CLI, the tests and a
-notebook all drive the same code. Validation happens here, before any model is loaded, and every
-failure names the offending key and the allowed values.
-"""
+"""``TrainConfig`` (``t2ialign train`` / ``cache``) and its validation, done before any model is loaded."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import yaml
-
-
-from t2ialign.errors import UserFacingError
-
-
-class ConfigError(UserFacingError, ValueError):
-    """A configuration problem; the message names the key and how to fix it."""
+from t2ialign.config.parsing import ConfigError, _check_choice, _get, _suggest, apply_overrides, from_dict, load_yaml
 
 
 @dataclass
@@ -135,8 +120,6 @@ class TrainConfig:
     channels_last: bool = False
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
 CHOICES: dict[str, tuple] = {
     "model.reference_dtype": ("fp32", "fp16", "bf16"),
     "model.attention": ("sdpa", "xformers"),
@@ -149,139 +132,6 @@ CHOICES: dict[str, tuple] = {
 }
 
 
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _resolve_type(tp):
-    """Optional[X] -> (X, True); X -> (X, False)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def _coerce(value: Any, tp, key: str):
-    base, optional = _resolve_type(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key}: null is not allowed here; give a value of type {getattr(base, '__name__', base)}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if base is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if base in (list, tuple) or typing.get_origin(base) in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return list(value)
-    if base is dict or typing.get_origin(base) is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a did-you-mean."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if not isinstance(key, str) or key not in fields:
-            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}; allowed: {', '.join(fields)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, prefix=f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
-    data = dict(data or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r} (example: --set optim.learning_rate=1e-5)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse the value {raw!r} as YAML ({str(exc).splitlines()[0]}); quote it") from None
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (copy one from the repository's configs/ folder)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    return data
-
-
-def _check_choice(config, dotted: str, allowed: tuple):
-    value = config
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    if value not in allowed:
-        raise ConfigError(f"{dotted}: {value!r} is not allowed{_suggest(str(value), allowed)}; allowed: {', '.join(allowed)}")
-
-
-def _get(config, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
-# numeric bounds checked by validate_train_config: key -> (low, high, low_inclusive, high_inclusive, wording)
 POSITIVE = ("max_steps", "train_batch_size", "gradient_accumulation_steps", "data.resolution", "lora.rank",
             "optim.learning_rate", "log_every", "optim.max_grad_norm", "optim.adam_epsilon")
 NON_NEGATIVE = ("checkpoint_every", "optim.warmup_steps", "optim.weight_decay", "data.num_workers", "data.min_image_size",
@@ -394,8 +244,6 @@ def _objectives() -> dict:
     return OBJECTIVES
 
 
-# ---------------------------------------------------------------- model checks without loading weights
-
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
     """YAML file (or dict) + overrides -> validated TrainConfig."""
     if data is not None and not isinstance(data, dict):
@@ -408,49 +256,3 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     # remembered so validation can reject options the user set that the objective cannot use
     config._explicit_keys = set(raw.get("model") or {})
     return validate_train_config(config)
-
-
-@dataclass
-class SampleConfig:
-    """``t2ialign sample``: images for a prompt set, identical initial latents across models."""
-
-    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # the base pipeline (hub id or directory)
-    aligned: Optional[str] = None  # a training export, UNet or LoRA directory: sample this model instead of the base
-    guide_with: Optional[str] = None  # RL guidance: mix the base with this aligned model at scale rlg_scale
-    rlg_scale: float = 1.0
-    rlg_schedule: Optional[list] = None  # optional per-step scales (length num_inference_steps) overriding rlg_scale
-    prompts: str = "partiprompts"  # a prompt-set name, or a .txt/.tsv/.jsonl file
-    limit: Optional[int] = None  # first N prompts only
-    output_dir: str = "samples/base"
-    num_images_per_prompt: int = 1
-    seed: int = 0
-    num_inference_steps: int = 30
-    guidance_scale: float = 5.0
-    resolution: Optional[int] = None  # default: the model's native size
-    batch_size: int = 4
-    dtype: str = "fp16"  # fp32 | fp16 | bf16 (fp32 on CPU)
-    device: str = "auto"
-    scheduler: Optional[str] = None  # a diffusers scheduler class name, e.g. DDIMScheduler
-    progress_bar: bool = True
-    # speed levers (t2ialign.models.speed), applied to every UNet the sampler runs (both RLG models)
-    compile: bool = False
-    compile_mode: Optional[str] = None  # None (Inductor default) | reduce-overhead (CUDA graphs) | max-autotune
-    compile_cache_dir: Optional[str] = None
-    channels_last: bool = False
-
-
-def load_sample_config(path=None, overrides=None, data=None) -> SampleConfig:
-    raw = dict(data or {})
-    if path is not None:
-        raw = load_yaml(path)
-    raw = apply_overrides(raw, overrides or [])
-    config = from_dict(SampleConfig, raw)
-    _check_choice(config, "dtype", ("fp32", "fp16", "bf16"))
-    if config.compile_mode is not None:
-        _check_choice(config, "compile_mode", COMPILE_MODES)
-    for key in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
-        if getattr(config, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(config, key)}")
-    if config.aligned and config.guide_with:
-        raise ConfigError("aligned and guide_with: give one; guide_with samples the base mixed with the aligned model by rlg_scale")
-    return config

@@ -315,7 +315,7 @@ def test_rlg_pipeline_from_sample_config(tiny_sdxl_dir, lora_dir, base_images):
 def test_rlg_sweep_writes_scores_and_plot(tiny_sdxl_dir, lora_dir, tmp_path):
     from t2ialign.config import SampleConfig
     from t2ialign.evaluation.prompts import PromptRecord
-    from t2ialign.guidance import rlg_sweep
+    from t2ialign.evaluation.sweep import rlg_sweep
     from t2ialign.scoring import FunctionScorer
 
     def brightness(images, prompts):
@@ -359,3 +359,17 @@ def test_sampler_compiles_and_converts_every_unet_it_runs(guided, tiny_sdxl_dir,
     assert (tmp_path / "inductor").is_dir()
     with pytest.raises(ConfigError, match="compile_mode"):
         load_sample_config(overrides=["compile_mode=fastest"])
+
+
+def test_full_aligned_unet_takes_the_half_precision_base_dtype(tiny_sdxl_dir, aligned_unet_dir, unet_inputs):
+    """A full export saved in fp32 is loaded in the base's dtype: a bf16 base guides without a dtype clash."""
+    from t2ialign.guidance import load_aligned_into
+
+    base = load_pipeline(str(tiny_sdxl_dir), dtype=torch.bfloat16)
+    aligned = load_aligned_into(base, str(aligned_unet_dir))
+    assert {p.dtype for p in aligned.parameters()} == {torch.bfloat16}
+    rlg = make_rlg_pipeline(base, aligned, w=1.5)
+    inputs = {k: v.to(torch.bfloat16) for k, v in unet_inputs.items() if k in ("sample", "encoder_hidden_states")}
+    inputs["added_cond_kwargs"] = {k: v.to(torch.bfloat16) for k, v in unet_inputs["added_cond_kwargs"].items()}
+    out = _raw(rlg.unet, {**inputs, "timestep": unet_inputs["timestep"]})
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

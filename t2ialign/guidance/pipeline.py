@@ -39,8 +39,10 @@ def load_aligned_into(base_pipe, aligned: Union[str, Path, nn.Module]) -> Option
         return None
     from diffusers import UNet2DConditionModel
 
+    # `dtype=` needs diffusers >= 0.40 (older ones ignore it and load fp32): the declared floor is above that,
+    # and the explicit cast below keeps a half-precision base and its aligned UNet in one dtype regardless
     unet = UNet2DConditionModel.from_pretrained(directory, dtype=base_unet.dtype)
-    return unet.to(base_unet.device).eval()
+    return unet.to(base_unet.device, base_unet.dtype).eval()
 
 
 def _with_unet(base_pipe, unet):

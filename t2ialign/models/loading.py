@@ -163,7 +163,7 @@ def _load_model(cls, what: str, pipeline_subfolder: str, pretrained: str, subfol
         subfolder = None if (Path(location) / "config.json").is_file() else pipeline_subfolder
     with _translate_not_found(what, pretrained, subfolder):
         model = cls.from_pretrained(
-            location, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=dtype,
+            location, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype,
             local_files_only=local_files_only,
         )
     return model.to(device)
@@ -327,7 +327,7 @@ def _vae_config_or_none(location, override, *, revision, local_files_only) -> Op
 def _load_unet_from_pipeline(location, pretrained, *, dtype, device, variant, revision, local_files_only):
     with _translate_not_found("UNet", pretrained, "unet"):
         unet = UNet2DConditionModel.from_pretrained(
-            location, subfolder="unet", revision=revision, variant=variant, torch_dtype=dtype,
+            location, subfolder="unet", revision=revision, variant=variant, dtype=dtype,
             local_files_only=local_files_only,
         )
     return unet.to(device)

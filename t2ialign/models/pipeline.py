@@ -36,12 +36,12 @@ def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch
     """A diffusers text-to-image pipeline for ``pretrained``; ``aligned`` swaps in a UNet or loads a LoRA."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}  # diffusers >= 0.40 name (torch_dtype is deprecated)
     kind = None
     if aligned is not None:
         kind, aligned_dir = resolve_aligned(aligned)
         if kind == "unet":
-            kwargs["unet"] = UNet2DConditionModel.from_pretrained(aligned_dir, torch_dtype=dtype)
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(aligned_dir, dtype=dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(pretrained, **kwargs)
     except (OSError, EnvironmentError) as exc:

@@ -22,9 +22,11 @@ Documented choices
   configs the reference loaded; the DDIM ``_get_variance`` used for the ``eta`` noise likewise falls
   back to ``final_alpha_cumprod = alphas_cumprod[0]``. Pass ``initial_alpha_cumprod=1.0`` to get the
   ``set_alpha_to_one=True`` behaviour (first step then ignores the prediction and adds no noise).
-* UNet timestep: the network is evaluated at the SOURCE level of each step, with the first source
-  clamped to 0 (``max(s, 0)``). The reference fed ``-99``, which is outside the training range of the
-  timestep embedding; 0 is also the level whose ``abar`` (``alphas_cumprod[0]``) the step uses.
+* UNet timestep: the network is evaluated at the SOURCE level of each step, the first one included:
+  ``-99`` by default, exactly what the authors' trainer fed (JaydenLyh/InPO ``train.py`` iterates
+  ``inverse_scheduler.timesteps``, whose first entry is ``-99`` under its pinned diffusers 0.20). The
+  sinusoidal timestep embedding is defined there, though outside the training range.
+  ``first_timestep="zero"`` clamps it to 0 (``max(s, 0)``), the level whose ``abar`` the step uses.
 * Batching: by default every call is ONE batched call over ALL ``N`` samples (same source timestep
   for every row), and samples whose depth is exhausted are masked: their latent is no longer updated
   and the prediction for them is discarded. This keeps ``noise_pred_fn(x, s)`` a plain closure over
@@ -47,7 +49,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ddim_inversion_target", "inversion_grid"]
+__all__ = ["ddim_inversion_target", "inversion_grid", "FIRST_TIMESTEP_CHOICES"]
+
+FIRST_TIMESTEP_CHOICES = ("authors", "zero")  # UNet timestep of the first (negative-source) inverse step
 
 
 def inversion_grid(num_train_timesteps: int = 1000, num_steps: int = 10, steps_offset: int = 1) -> Tensor:
@@ -76,6 +80,7 @@ def ddim_inversion_target(
     steps_offset: int = 1,
     initial_alpha_cumprod: Optional[float] = None,
     only_active: bool = False,
+    first_timestep: str = "authors",
 ):
     """DDIM-invert each sample of ``z0`` with the policy up to its timestep; return ``(zt, target)``.
 
@@ -92,6 +97,8 @@ def ddim_inversion_target(
         steps_offset: grid offset (1 for SD / SDXL scheduler configs).
         initial_alpha_cumprod: ``abar`` used for a negative source; default ``alphas_cumprod[0]``.
         only_active: call ``noise_pred_fn`` on the still-active rows only (callback gets their indices).
+        first_timestep: ``"authors"`` feeds the UNet the negative first source as is (``-99``), ``"zero"``
+            clamps it to 0.
 
     Returns:
         ``zt``: the inverted latents ``(N, C, H, W)``; ``target``: ``(zt - sqrt(abar_t) z0) / sqrt(1 - abar_t)``.
@@ -107,6 +114,8 @@ def ddim_inversion_target(
         raise ValueError(f"t must lie in [0, {num_train_timesteps - 1}], got [{int(t.min())}, {int(t.max())}]")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if first_timestep not in FIRST_TIMESTEP_CHOICES:
+        raise ValueError(f"first_timestep must be one of {FIRST_TIMESTEP_CHOICES}, got {first_timestep!r}")
 
     dtype = torch.promote_types(z0.dtype, torch.float32)
     abar = alphas_cumprod.detach().to(device=z0.device, dtype=dtype)
@@ -126,7 +135,7 @@ def ddim_inversion_target(
             break  # the grid is increasing, so no later step is active either
         a_s = abar[s] if s >= 0 else abar_init
         a_next = abar[s + step]
-        s_unet = max(s, 0)
+        s_unet = max(s, 0) if first_timestep == "zero" else s
         if only_active:
             index = active.nonzero(as_tuple=True)[0]
             x_in = x[index]

@@ -173,7 +173,7 @@ register_objective(
 register_objective(
     ObjectiveSpec(
         "inpo", dpo_loss, uses_inversion=True, description="DDIM-InPO: DPO at DDIM-inverted latents",
-        trainer_params={"inversion_steps": 10, "inversion_eta": 0.1},
+        trainer_params={"inversion_steps": 10, "inversion_eta": 0.1, "inversion_first_timestep": "authors"},
     )
 )
 register_objective(ObjectiveSpec("sft", sft_loss, needs_reference=False, uses_loser=False, description="SFT on the preferred image"))

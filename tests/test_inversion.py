@@ -56,7 +56,7 @@ def _reference(z0, t, abar, eta=0.0, noises=None):
                 break
             a_s = float(abar[s]) if s >= 0 else float(abar[0])
             a_n = float(abar[s + 100])
-            e = _toy_eps(x, torch.tensor([max(s, 0)]))
+            e = _toy_eps(x, torch.tensor([s]))  # the authors feed the first source (-99) as is
             x0 = (x - math.sqrt(1 - a_s) * e) / math.sqrt(a_s)
             x = math.sqrt(a_n) * x0 + math.sqrt(1 - a_n) * e
             if eta:
@@ -116,12 +116,14 @@ def test_eta_positive_reproducible_and_matches_matched_noise(only_active):
     assert not torch.allclose(zt, zt3)
 
 
-def test_unet_called_at_clamped_source_timesteps_full_batch():
+@pytest.mark.parametrize("first_timestep, first_fed", [("authors", -99), ("zero", 0)])
+def test_unet_called_at_source_timesteps_full_batch(first_timestep, first_fed):
     z0, t = _batch()
     rec = Recorder()
-    ddim_inversion_target(rec, z0, t, _sdxl_alphas_cumprod(), eta=0.0)
+    ddim_inversion_target(rec, z0, t, _sdxl_alphas_cumprod(), eta=0.0, first_timestep=first_timestep)
     fed = [int(s[0]) for s, _, _ in rec.calls]
-    assert fed == [0] + list(range(1, 802, 100))  # -99 clamped to 0; max depth 10 -> 10 calls
+    # the authors' trainer feeds the first grid entry (-99) as is; "zero" clamps it; max depth 10 -> 10 calls
+    assert fed == [first_fed] + list(range(1, 802, 100))
     for s, n, index in rec.calls:
         assert n == z0.shape[0] and index is None  # one batched call over all samples (masked)
         assert torch.equal(s, torch.full_like(s, int(s[0])))
@@ -132,7 +134,7 @@ def test_unet_called_on_active_samples_only():
     rec = Recorder()
     ddim_inversion_target(rec, z0, t, _sdxl_alphas_cumprod(), eta=0.0, only_active=True)
     fed = [int(s[0]) for s, _, _ in rec.calls]
-    assert fed == [0] + list(range(1, 802, 100))
+    assert fed == GRID
     # per-sample depth = number of calls the sample took part in
     depth = torch.zeros(z0.shape[0], dtype=torch.long)
     for k, (s, n, index) in enumerate(rec.calls):
@@ -146,7 +148,7 @@ def test_shallow_batch_stops_early():
     t = torch.tensor([0, 1] * (z0.shape[0] // 2))
     rec = Recorder()
     ddim_inversion_target(rec, z0, t, _sdxl_alphas_cumprod(), eta=0.0)
-    assert len(rec.calls) == 1 and int(rec.calls[0][0][0]) == 0
+    assert len(rec.calls) == 1 and int(rec.calls[0][0][0]) == -99
 
 
 def test_matches_modern_diffusers_scheduler_with_source_level_unet():
@@ -168,7 +170,7 @@ def test_matches_modern_diffusers_scheduler_with_source_level_unet():
             src = dest - 100
             if src >= int(t[i]):
                 break
-            e = _toy_eps(x, torch.tensor([max(src, 0)]))
+            e = _toy_eps(x, torch.tensor([src]))
             x = inv.step(e, dest, x).prev_sample
             x = x + eta * fwd._get_variance(dest, src) ** 0.5 * noises[k][i : i + 1]
         ref.append(x)

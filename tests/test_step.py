@@ -136,6 +136,23 @@ def test_inpo_step_is_finite_differentiable_and_ln2_at_init(sdxl):
     sdxl.unet.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("setting, first", [(None, -99), ("zero", 0)])
+def test_inpo_first_inverse_step_feeds_the_unet_the_authors_timestep(sdxl, setting, first):
+    """The authors' trainer evaluates the policy at t = -99 on its first inverse step (diffusers 0.20 grid)."""
+    spec = get_objective("inpo")
+    batch = make_batch(sdxl)
+    seen = []
+    hook = sdxl.unet.register_forward_pre_hook(lambda module, args: seen.append(int(torch.as_tensor(args[1]).reshape(-1)[0])))
+    params = {} if setting is None else {"inversion_first_timestep": setting}
+    try:
+        with torch.no_grad():
+            preference_step(StepModels(sdxl.unet, sdxl.unet, None, sdxl), spec, objective_params(spec, None, params),
+                            batch, resolution=32, prompt_dropout=0.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert seen[0] == first and first not in seen[1:]  # later calls: the grid's positive sources
+
+
 def test_prompt_dropout_drops_both_images_of_a_pair(sdxl):
     from t2ialign.training.step import _pair_captions
 

@@ -37,6 +37,10 @@ class DataConfig:
     resolution: int = 1024
     random_crop: bool = False
     random_flip: bool = True
+    # SDXL micro-conditioning of training images (t2ialign.models.text_encoding.sdxl_time_ids): "measured" =
+    # [orig_h, orig_w, crop_top, crop_left, R, R] (diffusers scripts, MaPO); "fixed" = [R, R, 0, 0, R, R] for
+    # every image (the released Diffusion-DPO / DCPO / DDIM-InPO SDXL trainers). A cache serves both.
+    time_ids: str = "measured"
     drop_ties: bool = True
     max_rows: Optional[int] = None
     min_image_size: int = 0  # rows whose image is smaller (shortest side) are skipped
@@ -123,6 +127,7 @@ class TrainConfig:
 CHOICES: dict[str, tuple] = {
     "model.reference_dtype": ("fp32", "fp16", "bf16"),
     "model.attention": ("sdpa", "xformers"),
+    "data.time_ids": ("measured", "fixed"),  # = t2ialign.models.text_encoding.TIME_IDS_MODES
     "model.policy_dtype": ("fp32", "bf16"),
     "optim.optimizer": ("adamw", "adamw8bit", "adafactor"),
     "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
@@ -231,6 +236,12 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
                 raise ConfigError(f"{key}: expected a finite number for '{spec.name}', got {value!r}")
             if name == "beta" and value <= 0:
                 raise ConfigError(f"{key}: must be positive, got {value}")
+        if name == "inversion_first_timestep":
+            from t2ialign.inversion import FIRST_TIMESTEP_CHOICES
+
+            if value not in FIRST_TIMESTEP_CHOICES:
+                raise ConfigError(f"objective.params.{name}: expected one of {', '.join(FIRST_TIMESTEP_CHOICES)} "
+                                  f"('authors' feeds the UNet -99 at the first inverse step, as the authors' code), got {value!r}")
     try:
         objective_params(spec, config.objective.beta, config.objective.params)
     except ValueError as exc:

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from t2ialign.inversion import ddim_inversion_target
 from t2ialign.models.lora import adapters_disabled
-from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, make_time_ids, prompt_keep_mask, unet_conditioning
+from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, prompt_keep_mask, sdxl_time_ids, unet_conditioning
 from t2ialign.noising import noisy_latents_and_target, per_sample_error, sample_pair_timesteps
 from t2ialign.objectives import ObjectiveOutput, ObjectiveSpec
 
@@ -81,19 +81,26 @@ def _drop_cached_prompts(embeds: PromptEmbeddings, batch: dict, dropout: float, 
                             swap(embeds.pooled_prompt_embeds, batch.get("null_pooled_prompt_embeds")))
 
 
-def _conditioning(models: StepModels, spec: ObjectiveSpec, batch: dict, resolution: int, dropout: float, generator) -> dict:
+def _time_ids(batch: dict, resolution: int, mode: str) -> Tensor:
+    """SDXL time_ids (2B, 6) under ``data.time_ids``, from the image path's measured sizes and crops, or from
+    the cache's measured ``[orig_h, orig_w, top, left, R, R]`` rows: one function for both paths."""
+    if "time_ids" in batch:  # pre-encoded cache: always stored "measured" (t2ialign.data.cache)
+        stored = batch["time_ids"]
+        return sdxl_time_ids(mode, stored[:, 0:2], stored[:, 2:4], resolution)
+    return sdxl_time_ids(mode, batch["original_sizes"], batch["crop_top_left"], resolution)
+
+
+def _conditioning(models: StepModels, spec: ObjectiveSpec, batch: dict, resolution: int, dropout: float, generator,
+                  time_ids_mode: str = "measured") -> dict:
     is_sdxl = models.components.is_sdxl
     if "prompt_embeds" in batch:  # pre-encoded cache already holds 2B rows, winners first
         embeds = PromptEmbeddings(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"))
         if dropout > 0:
             embeds = _drop_cached_prompts(embeds, batch, dropout, generator)
-        time_ids = batch.get("time_ids")
     else:
         captions = _pair_captions(spec, batch, dropout, generator)
         embeds = encode_prompts(models.components, captions)
-        time_ids = None
-        if is_sdxl:
-            time_ids = make_time_ids(batch["original_sizes"], batch["crop_top_left"], (resolution, resolution))
+    time_ids = _time_ids(batch, resolution, time_ids_mode) if is_sdxl else None
     return unet_conditioning(is_sdxl, embeds, time_ids)
 
 
@@ -128,16 +135,20 @@ def _noised(models: StepModels, spec: ObjectiveSpec, params: dict, latents: Tens
         noise_pred_fn, latents, timesteps, alphas_cumprod, generator=generator,
         num_steps=int(params["inversion_steps"]), eta=float(params["inversion_eta"]),
         steps_offset=scheduler.config.get("steps_offset", 1), only_active=True,
+        first_timestep=str(params.get("inversion_first_timestep", "authors")),
     )
     return zt, timesteps, target
 
 
 def preference_step(
-    models: StepModels, spec: ObjectiveSpec, params: dict, batch: dict, *, resolution: int, prompt_dropout: float, generator
+    models: StepModels, spec: ObjectiveSpec, params: dict, batch: dict, *, resolution: int, prompt_dropout: float, generator,
+    time_ids_mode: str = "measured",
 ) -> ObjectiveOutput:
-    """Compute the objective for one micro-batch (winners first); call ``.loss.backward()`` on the result."""
+    """Compute the objective for one micro-batch (winners first); call ``.loss.backward()`` on the result.
+
+    ``time_ids_mode``: ``data.time_ids`` (SDXL micro-conditioning, see ``sdxl_time_ids``)."""
     latents = _latents_from_batch(models, batch, generator).float()
-    cond = _conditioning(models, spec, batch, resolution, prompt_dropout, generator)
+    cond = _conditioning(models, spec, batch, resolution, prompt_dropout, generator, time_ids_mode)
     dtype = next(models.policy_unwrapped.parameters()).dtype
     cond = _to_device(cond, latents.device, torch.float32 if dtype == torch.float32 else dtype)
     zt, timesteps, target = _noised(models, spec, params, latents, cond, generator)

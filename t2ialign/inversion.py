@@ -1,4 +1,4 @@
-"""DDIM inversion for DDIM-InPO (ALGORITHMS.md section 4): ``zt`` and its implied noise target.
+"""DDIM inversion for DDIM-InPO (docs/ALGORITHMS.md section 4): ``zt`` and its implied noise target.
 
 Instead of the forward process ``zt = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``, DDIM-InPO obtains ``zt``
 by running DDIM *inversion* of ``z0`` with the current policy and uses the noise implied by that

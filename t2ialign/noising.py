@@ -2,7 +2,7 @@
 
 Latents are laid out winners first, ``[w_1..w_B, l_1..l_B]``. Noise and timestep are drawn once
 per pair and reused for its loser, so the winner/loser error difference measures the images, not
-the luck of the draw (ALGORITHMS.md section 0).
+the luck of the draw (docs/ALGORITHMS.md section 0).
 """
 from __future__ import annotations
 

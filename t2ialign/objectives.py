@@ -6,7 +6,7 @@ input dtype, so fp64 inputs give fp64 results (used by the parity tests).
 
 The trainer looks an objective up by name in ``OBJECTIVES``; the ``ObjectiveSpec`` says what the
 objective needs (a reference model, per-image captions, DDIM-inverted latents), so the loop never
-branches on the name itself. See ALGORITHMS.md sections 1-4 for the math.
+branches on the name itself. See docs/ALGORITHMS.md sections 1-4 and 6 for the math.
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def test_checkpointing_row_counts_recompute(full_report, capsys):
 
 def test_count_only_real_sdxl_config(capsys):
     """The real SDXL-base config through the real code path on the meta device (no compute): the counts of
-    /work/shared/reference/PERFORMANCE.md: 6.76 TFLOP per 1024 px forward, ~54 per DPO pair, ~41 per MaPO pair."""
+    docs/PERFORMANCE.md: 6.76 TFLOP per 1024 px forward, ~54 per DPO pair, ~41 per MaPO pair."""
     report = _bench_module().main(["--count-only", "--objective", "dpo", "--micro-batch", "1"])
     capsys.readouterr()
     (dpo,) = report["rows"]

@@ -1,4 +1,4 @@
-"""DDIM inversion for DDIM-InPO (ALGORITHMS.md section 4) against independent per-sample loops."""
+"""DDIM inversion for DDIM-InPO (docs/ALGORITHMS.md section 4) against independent per-sample loops."""
 import math
 
 import pytest

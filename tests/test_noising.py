@@ -1,4 +1,4 @@
-"""The ELBO surrogate (ALGORITHMS.md section 0) against a real diffusers scheduler and independent math."""
+"""The ELBO surrogate (docs/ALGORITHMS.md section 0) against a real diffusers scheduler and independent math."""
 import pytest
 import torch
 from diffusers import DDPMScheduler

@@ -1,4 +1,4 @@
-"""Objectives against independent formulas written here (ALGORITHMS.md sections 1-2)."""
+"""Objectives against independent formulas written here (docs/ALGORITHMS.md sections 1-2)."""
 import math
 
 import pytest

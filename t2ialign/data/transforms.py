@@ -10,7 +10,7 @@ Order and conventions (diffusers ``train_text_to_image_sdxl.py`` after PR #6547)
   4. crop ``resolution x resolution``: centre (``top = round((h - R) / 2)``, as ``CenterCrop``) or
      random; ``crop_top_left = (top, left)`` in the resized (and flipped) image;
   5. to tensor, normalise to [-1, 1].
-SDXL ``time_ids`` are then ``[orig_h, orig_w, top, left, R, R]`` (ALGORITHMS.md section 0).
+SDXL ``time_ids`` are then ``[orig_h, orig_w, top, left, R, R]`` (docs/ALGORITHMS.md section 0.5).
 
 Both images of a pair share ONE flip decision, and ONE crop offset when their resized sizes are
 equal (the Diffusion-DPO SDXL behaviour); images of different sizes get their own random offset.

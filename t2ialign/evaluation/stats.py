@@ -1,6 +1,6 @@
 """Win rates, bootstrap confidence intervals, per-model means and per-category breakdowns.
 
-Protocol (SCORERS.md): same prompts and seeds for the models compared. With several images per prompt
+Protocol (docs/SCORERS.md): same prompts and seeds for the models compared. With several images per prompt
 the scores of one prompt are averaged first. Win rate of A over B on one scorer::
 
     (#prompts with s_A > s_B + 0.5 * #prompts with s_A == s_B) / N

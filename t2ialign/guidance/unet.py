@@ -1,6 +1,6 @@
 """``RLGUNet``: the RL-guidance denoiser, a drop-in ``unet`` for the diffusers SD / SDXL pipelines.
 
-RLG (ALGORITHMS.md section 5) mixes the CFG predictions of the base and the aligned model::
+RLG (docs/ALGORITHMS.md section 5) mixes the CFG predictions of the base and the aligned model::
 
     pred = CFG_g(base) + w * (CFG_g(tuned) - CFG_g(base))
 

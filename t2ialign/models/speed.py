@@ -1,6 +1,6 @@
 """Speed levers for training and sampling, as reusable functions (``TrainConfig.compile`` / ``channels_last``).
 
-What each lever buys on one H100 (docs/PERFORMANCE_RESULTS.md, /work/shared/reference/PERFORMANCE.md):
+What each lever buys on one H100 (docs/PERFORMANCE_RESULTS.md, docs/PERFORMANCE.md):
 
 - ``compile_unet``: ``torch.compile`` of the UNet forward (Inductor). +25-30 % pairs/s on SDXL in the
   reference measurements, at the price of a first compilation of ~5 minutes. The compiled artefacts are

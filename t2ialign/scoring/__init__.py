@@ -4,7 +4,7 @@
     scorer = get_scorer("pickscore", device="cuda")          # or get_scorer("hpsv21", "/path/HPS_v2.1_compressed.pt")
     scores = scorer.score(images, prompts)                   # float32 CPU tensor (N,)
 
-Preprocessing and formulas follow SCORERS.md exactly (see ``preprocess`` and each scorer module).
+Preprocessing and formulas follow docs/SCORERS.md exactly (see ``preprocess`` and each scorer module).
 """
 from .base import (FunctionScorer, canonical_scorer_name, Scorer, available_scorers, get_scorer, parse_scorer_list, register_scorer,
                    resolve_device, resolve_dtype)

@@ -1,6 +1,6 @@
 """Image preprocessing of the preference scorers, exactly as their official code does it.
 
-Two recipes (see docs in SCORERS.md):
+Two recipes (see docs/SCORERS.md):
 
 * ``clip_preprocess`` - CLIP / PickScore / aesthetic / ImageReward: PIL bicubic resize of the SHORTEST
   side to 224 (the long side is ``int(224 * long / short)``, as transformers and torchvision compute it),

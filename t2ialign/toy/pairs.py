@@ -3,7 +3,7 @@
 For each prompt the base pipeline draws two images from different noise; the chosen preference
 labels the pair (optionally with Bradley-Terry noise and ties), and the world's captioner describes
 each image as it actually came out (``caption_0`` / ``caption_1``, what DCPO conditions on). The rows
-carry the Pick-a-Pic v2 columns (``reference/DATA.md``) so the ordinary data loader reads them, plus
+carry the Pick-a-Pic v2 columns (``docs/DATA.md``) so the ordinary data loader reads them, plus
 ``reward_0`` / ``reward_1`` for inspection.
 """
 from __future__ import annotations

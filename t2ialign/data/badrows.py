@@ -1,6 +1,6 @@
 """Bad rows: what counts as one, how images are decoded safely, and the report that counts them.
 
-Policy (DATA.md lists the defects real Pick-a-Pic data has):
+Policy (docs/DATA.md, "Bad rows", lists the defects real Pick-a-Pic data has):
 
 =====================  ===========================================  =========================
 defect                 when it is found                             default (strict: DataError)

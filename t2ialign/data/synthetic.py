@@ -1,7 +1,7 @@
 """Small Pick-a-Pic v2-schema parquet files drawn on the fly, for tests, demos and the CLI.
 
 Nothing can be downloaded in tests, so this writes real files in the real schema (see
-``reference/DATA.md``): JPEG bytes in ``jpg_0``/``jpg_1``, float labels, model names, uids, plus the
+``docs/DATA.md``): JPEG bytes in ``jpg_0``/``jpg_1``, float labels, model names, uids, plus the
 DCPO per-image captions ``caption_0``/``caption_1``. The images are simple coloured shapes; the
 preferred image matches its caption's colours, so the preference is learnable by a toy model.
 

@@ -203,3 +203,100 @@ def test_cli_two_process_build_writes_the_same_pairs(tmp_path, tiny_sdxl_dir, pi
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["num_pairs"] == 12
     assert_same_pairs(pairs_by_content(tmp_path / "two", True), pairs_by_content(reference_cache, True))
     assert_same_pairs(pairs_by_content(tmp_path / "two"), pairs_by_content(reference_cache))
+
+
+# ---------------------------------------------------------------- SDXL time_ids modes (data.time_ids)
+
+
+def test_cache_and_image_paths_give_the_same_time_ids_for_each_mode(tmp_path, tiny_sdxl_dir):
+    """The cache stores measured time_ids; the step turns them into either data.time_ids setting exactly as it
+    does the image path's sizes and crops (non-square images, random crop and flip, two variants)."""
+    from t2ialign.config import load_train_config
+    from t2ialign.data import build_preference_pairs, collate_pairs, write_pickapic_parquet
+    from t2ialign.data.cache import CachedPairs
+    from t2ialign.training.step import _time_ids
+
+    parquet = write_pickapic_parquet(tmp_path / "odd.parquet", 6, seed=8, image_size=[(96, 64), (64, 80), (72, 40)])
+    settings = cache_settings(tiny_sdxl_dir, parquet, tmp_path / "cache", random_crop=True, cache_variants=2)
+    assert build(settings).complete
+    cached = CachedPairs(tmp_path / "cache")
+    assert cached.manifest["time_ids"] == "measured" and "time_ids" not in cached.manifest["spec"]["data"]
+    pairs = build_preference_pairs(load_train_config(data=settings).data, seed=0)
+    keys = [(i, epoch) for i in range(len(pairs)) for epoch in (0, 1)]
+    from_images = collate_pairs([pairs[k] for k in keys])
+    from_cache = cached.collate_fn([cached[k] for k in keys])
+    for mode in ("measured", "fixed"):
+        image_ids, cache_ids = _time_ids(from_images, 32, mode), _time_ids(from_cache, 32, mode)
+        assert image_ids.shape == cache_ids.shape == (2 * len(keys), 6)
+        assert torch.equal(image_ids, cache_ids), mode
+    assert torch.equal(_time_ids(from_cache, 32, "fixed"), torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * (2 * len(keys))))
+    measured = _time_ids(from_cache, 32, "measured")
+    assert {tuple(r) for r in measured[:, :2].tolist()} == {(64.0, 96.0), (80.0, 64.0), (40.0, 72.0)}
+    assert len({tuple(r) for r in measured[:, 2:4].tolist()}) > 2  # random crops: the offsets really vary
+
+
+def test_fixed_time_ids_train_alike_from_cache_and_images_and_unlike_measured(tmp_path, tiny_sdxl_dir, pickapic_parquet,
+                                                                              reference_cache):
+    """One cache serves both settings: data.time_ids=fixed from the cache equals fixed from the images, and the
+    setting reaches the UNet (the loss differs from measured on the same data and noise)."""
+    import t2ialign.training.loop as loop
+    from t2ialign.config import load_train_config
+
+    losses = {}
+    for name, cache_dir, mode in (("images_fixed", None, "fixed"), ("cache_fixed", str(reference_cache), "fixed"),
+                                  ("cache_measured", str(reference_cache), "measured")):
+        loop.train(load_train_config(data={
+            "model": {"pretrained": str(tiny_sdxl_dir), "reference_dtype": "fp32"},
+            "data": {"dataset": str(pickapic_parquet), "resolution": 32, "cache_dir": cache_dir, "time_ids": mode},
+            "optim": {"learning_rate": 1e-3}, "output_dir": str(tmp_path / name), "max_steps": 2, "train_batch_size": 2,
+            "log_every": 1, "checkpoint_every": 0, "report_to": "none", "progress_bar": False,
+        }))
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["model_err_w"] for r in records]
+    assert len(losses["cache_fixed"]) == 2
+    assert all(abs(a - b) <= 1e-6 for a, b in zip(losses["images_fixed"], losses["cache_fixed"])), losses
+    assert any(abs(a - b) > 1e-6 for a, b in zip(losses["cache_fixed"], losses["cache_measured"])), losses
+
+
+# ---------------------------------------------------------------- DCPO needs per-image captions
+
+
+def test_dcpo_cache_build_without_caption_columns_fails_in_one_line_before_loading(tmp_path, tiny_sdxl_dir):
+    from t2ialign.data import write_pickapic_parquet
+
+    parquet = write_pickapic_parquet(tmp_path / "single.parquet", 4, with_dual_captions=False)
+    settings = {**cache_settings(tiny_sdxl_dir, parquet, tmp_path / "cache"), "objective": {"name": "dcpo"}}
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "t2ialign", "cache", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.image_caption_columns: DCPO conditions each image on its own caption"), last
+    assert "'caption_0', 'caption_1'" in last and "available columns: are_different" in last and "DCPO captions" in last
+    assert not list((tmp_path / "cache").glob("shard-*"))
+
+
+def test_dcpo_refuses_a_cache_that_stored_the_prompt_for_image_captions(tmp_path, tiny_sdxl_dir):
+    """A DPO-built cache whose pairs lack (some) per-image captions cannot silently train DCPO; a DCPO build of the
+    same data skips those rows as bad rows instead."""
+    from t2ialign.data import write_pickapic_parquet
+    from t2ialign.data.cache import CachedPairs
+    from t2ialign.errors import DataError
+
+    single = write_pickapic_parquet(tmp_path / "single.parquet", 4, with_dual_captions=False)
+    holes = write_pickapic_parquet(tmp_path / "holes.parquet", 6, seed=3, empty_image_captions=[1, 4])
+    for parquet, without in ((single, 4), (holes, 2)):
+        cache_dir = tmp_path / f"dpo_{parquet.stem}"
+        assert build(cache_settings(tiny_sdxl_dir, parquet, cache_dir)).complete
+        assert CachedPairs(cache_dir).manifest["pairs_without_image_captions"] == without
+        with pytest.raises(DataError, match=rf"stores the prompt instead of per-image captions for {without} of its"):
+            CachedPairs(cache_dir, per_image_captions=True)
+    dcpo_dir = tmp_path / "dcpo_holes"
+    result = build({**cache_settings(tiny_sdxl_dir, holes, dcpo_dir), "objective": {"name": "dcpo"}})
+    assert result.complete and result.num_pairs == 4
+    dataset = CachedPairs(dcpo_dir, per_image_captions=True)
+    assert dataset.manifest["pairs_without_image_captions"] == 0
+    assert dataset.manifest["data_report"]["load"]["skipped"] == {"empty_image_caption": 2}
+    assert json.loads((dcpo_dir / "build.json").read_text())["require_image_captions"] is True

@@ -177,6 +177,48 @@ def test_single_caption_datasets_use_the_prompt_for_both_images(tmp_path):
     assert sample["caption_w"] == sample["caption_l"] == sample["caption"]
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+def test_required_image_captions_missing_columns_is_one_line_error(tmp_path, streaming):
+    """DCPO (require_image_captions) on a dataset without caption_0/caption_1: an error, not a silent DPO run."""
+    path = write_pickapic_parquet(tmp_path / "single.parquet", 4, with_dual_captions=False)
+    for cfg in (config(path, streaming=streaming), config(path, streaming=streaming, image_caption_columns=[])):
+        with pytest.raises(DataError) as error:
+            build_preference_pairs(cfg, require_image_captions=True)
+        message = str(error.value)
+        assert "\n" not in message and message.startswith("data.image_caption_columns: DCPO")
+        assert "available columns: are_different" in message and "DCPO captions" in message
+        if cfg.image_caption_columns:
+            assert "'caption_0', 'caption_1'" in message
+    others = build_preference_pairs(config(path, streaming=streaming))  # other objectives: as before
+    assert len(list(others) if streaming else others) == 4
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+def test_empty_image_caption_is_a_bad_row_only_when_required(tmp_path, streaming):
+    path = write_pickapic_parquet(tmp_path / "holes.parquet", 8, seed=4, empty_image_captions=[2, 5])
+    assert read_injected_rows(path) == {"empty_image_caption": [2, 5]}
+    raw = pq.read_table(path).to_pylist()
+    assert raw[2]["caption_0"] == "" and raw[5]["caption_1"] is None
+
+    def samples(pairs):
+        return list(pairs) if streaming else [pairs[i] for i in range(len(pairs))]
+
+    required = build_preference_pairs(config(path, streaming=streaming), require_image_captions=True)
+    got = samples(required)
+    assert len(got) == 6 and all(s["own_captions"] for s in got)
+    assert required.report.skipped == {INJECTED_KIND_TO_REASON["empty_image_caption"]: 2}
+    assert sorted(required.report.examples["empty_image_caption"]) == [2, 5]
+    used = {raw_row["caption"] for raw_row in raw}
+    assert all(s["caption_w"] != "" and s["caption_l"] != "" and s["caption"] in used for s in got)
+
+    relaxed = build_preference_pairs(config(path, streaming=streaming))  # DPO & co.: the prompt stands in, as before
+    got = samples(relaxed)
+    assert len(got) == 8 and relaxed.report.num_skipped == 0
+    assert sum(not s["own_captions"] for s in got) == 2
+    with pytest.raises(DataError, match=r"row 2.*: empty_image_caption: caption_0 .*data.image_caption_columns\[0\]"):
+        samples(build_preference_pairs(config(path, streaming=streaming, strict=True), require_image_captions=True))
+
+
 def _asymmetric_image(width: int, height: int) -> Image.Image:
     x = torch.linspace(0, 255, width).repeat(height, 1)
     y = torch.linspace(0, 255, height).unsqueeze(1).repeat(1, width)

@@ -1,6 +1,7 @@
 """The training step on real tiny models: DCPO conditioning order, v-prediction targets, InPO, reference-free runs."""
 import copy
 import gc
+import io
 import math
 
 import pytest
@@ -151,6 +152,74 @@ def test_inpo_first_inverse_step_feeds_the_unet_the_authors_timestep(sdxl, setti
     finally:
         hook.remove()
     assert seen[0] == first and first not in seen[1:]  # later calls: the grid's positive sources
+
+
+@pytest.fixture(scope="module")
+def odd_sized_pairs(tmp_path_factory):
+    """A real parquet whose images are neither square nor at the training resolution, and its dataset."""
+    from t2ialign.config import DataConfig
+    from t2ialign.data import build_preference_pairs, write_pickapic_parquet
+
+    path = write_pickapic_parquet(tmp_path_factory.mktemp("odd") / "odd.parquet", 4, seed=5, image_size=[(96, 64), (64, 80)])
+    return path, build_preference_pairs(DataConfig(dataset=str(path), resolution=32, random_flip=False))
+
+
+def measured_time_ids_by_hand(path, pairs, indices, resolution):
+    """[h, w, top, left, R, R] from the stored JPEGs: shortest side resized to R, centre crop (winners, then losers)."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    raw = pq.read_table(path).to_pylist()
+    rows = []
+    for index in indices:
+        width, height = Image.open(io.BytesIO(raw[pairs.dataset[index]["source_row"]]["jpg_0"])).size
+        short, long = min(width, height), max(width, height)
+        resized_long = int(resolution * long / short)
+        resized_w, resized_h = (resized_long, resolution) if width > height else (resolution, resized_long)
+        rows.append([height, width, round((resized_h - resolution) / 2), round((resized_w - resolution) / 2),
+                     resolution, resolution])
+    return torch.tensor(rows * 2, dtype=torch.float32)  # both images of a row share its size
+
+
+@pytest.mark.parametrize("mode", ["measured", "fixed"])
+def test_unet_receives_the_configured_time_ids(sdxl, odd_sized_pairs, mode):
+    """data.time_ids: "fixed" feeds the UNet [R, R, 0, 0, R, R] whatever the image's size (Diffusion-DPO / DCPO /
+    InPO trainers), "measured" the real original size and crop; seen by hooks on the policy and reference UNets."""
+    from t2ialign.data import collate_pairs
+
+    path, pairs = odd_sized_pairs
+    batch = collate_pairs([pairs[i] for i in range(len(pairs))])
+    models = step_models(sdxl)
+    seen = []
+    hooks = [unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+        for unet in (models.policy, models.reference)]
+    spec = get_objective("dpo")
+    try:
+        with torch.no_grad():
+            preference_step(models, spec, objective_params(spec, None, {}), batch, resolution=32, prompt_dropout=0.0,
+                            generator=torch.Generator().manual_seed(0), time_ids_mode=mode)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if mode == "fixed":
+        expected = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 8)
+    else:
+        expected = measured_time_ids_by_hand(path, pairs, batch["indices"].tolist(), 32)
+        assert {tuple(r[:4]) for r in expected.tolist()} == {(64.0, 96.0, 0.0, 8.0), (80.0, 64.0, 4.0, 0.0)}
+    assert len(seen) == 2 and all(torch.equal(time_ids, expected) for time_ids in seen)
+
+
+def test_time_ids_modes_agree_with_the_config_choices_and_reject_others():
+    from t2ialign.config.train import CHOICES
+    from t2ialign.models.text_encoding import TIME_IDS_MODES, sdxl_time_ids
+
+    assert CHOICES["data.time_ids"] == TIME_IDS_MODES
+    sizes, crops = torch.tensor([[1024, 768], [512, 2048]]), torch.tensor([[3, 0], [0, 17]])
+    assert sdxl_time_ids("measured", sizes, crops, 256).tolist() == [[1024, 768, 3, 0, 256, 256], [512, 2048, 0, 17, 256, 256]]
+    assert sdxl_time_ids("fixed", sizes, crops, 256).tolist() == [[256, 256, 0, 0, 256, 256]] * 2
+    with pytest.raises(ValueError, match="data.time_ids: 'fixd' is not allowed; allowed: measured, fixed"):
+        sdxl_time_ids("fixd", sizes, crops, 256)
 
 
 def test_prompt_dropout_drops_both_images_of_a_pair(sdxl):

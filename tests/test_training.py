@@ -132,6 +132,40 @@ def test_bad_config_fails_before_loading_with_a_named_key(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_bad_time_ids_value_is_a_one_line_config_error(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"data": {"time_ids": "fixd"}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "t2ialign", "train", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: data.time_ids: 'fixd' is not allowed (did you mean 'fixed'?); allowed: measured, fixed")
+
+
+@pytest.mark.slow
+def test_dcpo_without_per_image_captions_fails_in_one_line_and_dpo_still_trains(tmp_path, tiny_sdxl_dir):
+    """DCPO on a dataset without caption_0/caption_1 used to train on the pair prompt, i.e. as DPO, without a word."""
+    from t2ialign.data import write_pickapic_parquet
+
+    parquet = write_pickapic_parquet(tmp_path / "single.parquet", 8, seed=6, with_dual_captions=False)
+    config = tiny_config(tmp_path, tiny_sdxl_dir, parquet, max_steps=1, gradient_accumulation_steps=1,
+                         checkpoint_every=0, report_to="none", objective__name="dcpo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "t2ialign", "train", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.image_caption_columns: DCPO conditions each image on its own caption, but the "
+                           "dataset has no column 'caption_0', 'caption_1'; available columns: are_different,"), last
+    assert "data.image_caption_columns=COLUMN_0,COLUMN_1" in last and "README.md's \"DCPO captions\"" in last
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    run_cli("train", str(config), "--set", "objective.name=dpo")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["loss"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("objective", ["mapo", "dcpo", "inpo", "sft"])

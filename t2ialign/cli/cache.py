@@ -12,7 +12,9 @@ Interrupted? Run the same command again: finished shards are kept. Several GPUs:
   accelerate launch --config_file configs/accelerate/ddp.yaml -m t2ialign cache my.yaml
 Options (data.*): cache_variants (augmentation draws per pair: epoch e reads variant e % N), cache_dtype
 (fp16 | bf16 | fp32; fp32 reproduces image-path training exactly), cache_latent_std, cache_shard_size,
-cache_batch_size; num_workers decodes images in parallel (map-style datasets)."""
+cache_batch_size; num_workers decodes images in parallel (map-style datasets).
+SDXL time_ids are stored measured (original size, crop offset, target size), so one cache serves both
+data.time_ids settings: training applies data.time_ids (measured | fixed) when it reads them."""
 
 
 def register(subparsers) -> None:

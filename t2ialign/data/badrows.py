@@ -6,6 +6,8 @@ Policy (docs/DATA.md, "Bad rows", lists the defects real Pick-a-Pic data has):
 defect                 when it is found                             default (strict: DataError)
 =====================  ===========================================  =========================
 empty caption          metadata pre-pass (``scan_rows``)            skipped, counted
+empty per-image        metadata pre-pass, only when the objective   skipped, counted
+caption (DCPO)         needs per-image captions (DCPO)
 tie (0.5 / 0.5)        load filter (data.drop_ties) or pre-pass     dropped / skipped
 labels not summing 1   metadata pre-pass                            skipped, counted
 duplicate pair         load filter (data.drop_duplicates)           dropped, counted
@@ -31,19 +33,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # reasons a row is skipped
 EMPTY_CAPTION = "empty_caption"
+EMPTY_IMAGE_CAPTION = "empty_image_caption"  # caption_0 / caption_1 empty or null, when DCPO needs them
 TIE = "tie"
 INVALID_LABELS = "invalid_labels"
 DUPLICATE = "duplicate"
 UNDECODABLE = "undecodable_image"
 TINY = "tiny_image"
 MISSING_IMAGE = "missing_image"
-SKIP_REASONS = (EMPTY_CAPTION, TIE, INVALID_LABELS, DUPLICATE, UNDECODABLE, TINY, MISSING_IMAGE)
+SKIP_REASONS = (EMPTY_CAPTION, EMPTY_IMAGE_CAPTION, TIE, INVALID_LABELS, DUPLICATE, UNDECODABLE, TINY, MISSING_IMAGE)
 CONVERTED_PREFIX = "converted_"  # "converted_CMYK", "converted_P", ...: decoded fine after a mode change
 
 # synthetic.BAD_ROW_KINDS -> the reason the loader reports for it
 INJECTED_KIND_TO_REASON = {
     "truncated_jpeg": UNDECODABLE, "undecodable": UNDECODABLE, "tiny_image": TINY,
-    "empty_caption": EMPTY_CAPTION, "tie": TIE, "invalid_labels": INVALID_LABELS, "duplicate": DUPLICATE,
+    "empty_caption": EMPTY_CAPTION, "empty_image_caption": EMPTY_IMAGE_CAPTION, "tie": TIE, "invalid_labels": INVALID_LABELS, "duplicate": DUPLICATE,
     "cmyk": "converted_CMYK", "palette": "converted_P", "grayscale": "converted_L", "rgba": "converted_RGBA",
 }
 EXAMPLES_PER_REASON = 5
@@ -119,10 +122,21 @@ class BadRowReport:
         }
 
 
-def metadata_problem(caption: Optional[str], label_0: Any, label_1: Any) -> Optional[BadRow]:
-    """The problem with a row's caption/labels, or None. Cheap: no image is touched."""
+def metadata_problem(caption: Optional[str], label_0: Any, label_1: Any,
+                     image_captions: Optional[tuple] = None) -> Optional[BadRow]:
+    """The problem with a row's caption/labels, or None. Cheap: no image is touched.
+
+    ``image_captions``: the row's (caption_0, caption_1) when the objective needs per-image captions (DCPO);
+    an empty or null one is then a bad row instead of falling back to the pair's prompt."""
     if caption is None or not str(caption).strip():
         return BadRow(EMPTY_CAPTION, "the caption is empty")
+    for i, own in enumerate(image_captions or ()):
+        if own is None or not str(own).strip():
+            return BadRow(
+                EMPTY_IMAGE_CAPTION,
+                f"caption_{i} (the caption of image {i}, data.image_caption_columns[{i}]) is empty; DCPO conditions "
+                "each image on its own caption, so the row is not trained on the pair's prompt instead",
+            )
     try:
         l0, l1 = float(label_0), float(label_1)
     except (TypeError, ValueError):

@@ -19,10 +19,17 @@ images (tested to 1e-6 with ``data.cache_dtype: fp32``):
   captions (Pick-a-Pic repeats prompts a lot) and, per pair, ``prompt_index`` and ``caption_index``
   (winner, loser) into it. ``CachedPairs(per_image_captions=True)`` (DCPO) returns the images' own
   captions, otherwise the prompt twice; a dataset without per-image captions stores the prompt for
-  them, as the image path falls back to it. ``null_text.safetensors`` holds the embedding of ""
+  them, as the image path falls back to it for other objectives. The manifest counts such pairs
+  (``pairs_without_image_captions``) and DCPO refuses a cache that has any; a build with
+  ``objective.name: dcpo`` requires the caption columns and skips rows with an empty one, as the
+  image path does. ``null_text.safetensors`` holds the embedding of ""
   once; prompt dropout happens in the training step with the same generator draw as the image path
   (both images of a pair lose their text together).
-* **SDXL micro-conditioning.** ``time_ids`` (2, 6) per pair and variant, float32.
+* **SDXL micro-conditioning.** ``time_ids`` (2, 6) per pair and variant, float32, always the measured
+  ``[orig_h, orig_w, crop_top, crop_left, R, R]`` (manifest ``"time_ids": "measured"``). They hold every
+  image's size and crop, so one cache serves both ``data.time_ids`` settings: the training step passes the
+  stored rows through ``sdxl_time_ids(config.data.time_ids, ...)``, the function the image path calls
+  (``fixed`` gives ``[R, R, 0, 0, R, R]``); ``data.time_ids`` is therefore not part of ``build.json``.
 
 Code: cache_build.py (the build), cache_shards.py (encoders, shard files), cache_read.py (CachedPairs).
 

@@ -52,16 +52,26 @@ class CacheBuildResult:
         return self.images_encoded / self.seconds if self.seconds > 0 else 0.0
 
 
+def requires_image_captions(config: TrainConfig) -> bool:
+    """The objective conditions each image on its own caption (DCPO): the build then requires them."""
+    from t2ialign.objectives import get_objective
+
+    return get_objective(config.objective.name).per_image_captions
+
+
 def cache_spec(config: TrainConfig) -> dict:
     """Everything that decides the cache's contents; a resumed build must match it exactly."""
     model = config.model
-    return {
+    spec = {
         "format": FORMAT_VERSION,
         "model": {"pretrained": model.pretrained, "revision": model.revision, "variant": model.variant, "vae": model.vae},
         "mixed_precision": config.mixed_precision,  # the VAE / text-encoder precision, as in training
         "seed": config.seed,  # augmentation seed (PairTransform)
         "data": {key: getattr(config.data, key) for key in SPEC_DATA_KEYS},
     }
+    if requires_image_captions(config):  # rows with an empty per-image caption are bad rows then (only then in
+        spec["require_image_captions"] = True  # the spec, so the build.json of other caches stays as it was)
+    return spec
 
 
 def validate_cache_config(config: TrainConfig) -> None:
@@ -103,7 +113,9 @@ def build_cache(config: TrainConfig, *, max_new_shards: Optional[int] = None, pr
 
     report = BadRowReport()
     data_cfg = dataclasses.replace(config.data, cache_dir=None)
-    pairs = build_preference_pairs(data_cfg, seed=config.seed, report=report)
+    # DCPO: no per-image caption columns -> DataError here, before any model loads; empty ones are bad rows
+    pairs = build_preference_pairs(data_cfg, seed=config.seed, report=report,
+                                   require_image_captions=requires_image_captions(config))
     load_report = report.to_dict()
     encoder = CacheEncoder(config, state.device)
     started = time.perf_counter()  # images/s counts decoding + encoding + writing, not model loading
@@ -237,7 +249,7 @@ def _stream_shards(pairs, shard_size: int, variants: int, todo, new_builder) -> 
     """Shards of an IterablePreferencePairs' stream. Every process reads the whole stream so that
     positions agree; rows of shards it does not build are only checked for duplicates, never decoded.
     ``totals["num_shards"]`` is known once the stream is exhausted."""
-    from t2ialign.data.badrows import DUPLICATE, BadRow, metadata_problem
+    from t2ialign.data.badrows import DUPLICATE, BadRow
     from t2ialign.data.pairs import _handle_bad_row
 
     totals: dict = {}
@@ -254,7 +266,7 @@ def _stream_shards(pairs, shard_size: int, variants: int, todo, new_builder) -> 
                 builder = new_builder(current) if todo(current) else None
             events: list = []
             try:
-                problem = metadata_problem(record["caption"], record["label_0"], record["label_1"])
+                problem = pairs._row_problem(record)
                 if problem is not None:
                     raise problem
                 if pairs.drop_duplicates and pairs._is_duplicate(record, seen):
@@ -278,7 +290,7 @@ def _stream_shards(pairs, shard_size: int, variants: int, todo, new_builder) -> 
 def _write_manifest(cache_dir: Path, num_shards: int, encoder: CacheEncoder, config: TrainConfig, spec: dict,
                     load_report: dict) -> Optional[dict]:
     """Rank 0, after every process finished: the list of shards, or None if some are missing."""
-    shards, events = [], Counter()
+    shards, events, without_captions = [], Counter(), 0
     for k in range(num_shards):
         path = cache_dir / SHARD_PATTERN.format(k)
         if not shard_complete(path):
@@ -287,6 +299,7 @@ def _write_manifest(cache_dir: Path, num_shards: int, encoder: CacheEncoder, con
         meta = shard_metadata(path)
         shards.append({"file": path.name, "pairs": int(meta["pairs"])})
         events.update(reason for _, reason in meta.get("bad_rows", []))
+        without_captions += int(meta.get("pairs_without_image_captions", 0))
     null_path = cache_dir / NULL_TEXT
     write_safetensors_atomic(null_path, {k: v.to("cpu", STORAGE_DTYPES[config.data.cache_dtype]).contiguous()
                                          for k, v in encoder.null_text.items()}, {"text": ""})
@@ -299,6 +312,8 @@ def _write_manifest(cache_dir: Path, num_shards: int, encoder: CacheEncoder, con
         "variants": config.data.cache_variants,
         "augmentation": "variant v = the image pipeline's epoch-v crop/flip (PairTransform seed = spec.seed); epoch e reads e % variants",
         "is_sdxl": encoder.is_sdxl,
+        # the stored time_ids are [orig_h, orig_w, crop_top, crop_left, R, R]; training applies data.time_ids to them
+        "time_ids": "measured" if encoder.is_sdxl else None,
         "resolution": config.data.resolution,
         "latent_shape": list(encoder.latent_shape),
         "scaling_factor": encoder.scaling_factor,
@@ -307,6 +322,8 @@ def _write_manifest(cache_dir: Path, num_shards: int, encoder: CacheEncoder, con
         "text_shape": list(null.shape[1:]),
         "null_text": NULL_TEXT,
         "data_report": {"load": load_report, "build_events": dict(sorted(events.items()))},
+        # pairs whose per-image captions were missing or empty, stored as the prompt: DCPO refuses such a cache
+        "pairs_without_image_captions": without_captions,
         "spec": spec,
     }
     tmp = cache_dir / f".{MANIFEST}.tmp"

@@ -95,13 +95,22 @@ class CachedPairs(torch.utils.data.Dataset):
     one before modifying it in place.
     ``per_image_captions`` follows the objective (``ObjectiveSpec.per_image_captions``); a cache
     built from a dataset without per-image captions stores the prompt for them, as the image path
-    falls back to it.
+    falls back to it for other objectives, so ``per_image_captions=True`` refuses a cache whose
+    manifest counts such pairs (DCPO would silently train them as DPO).
     """
 
     def __init__(self, cache_dir, per_image_captions: bool = False):
         self.cache_dir = Path(cache_dir)
         self.manifest = read_manifest(self.cache_dir)
         self.per_image_captions = bool(per_image_captions)
+        without = int(self.manifest.get("pairs_without_image_captions", 0))  # caches from before the count: 0
+        if self.per_image_captions and without:
+            raise DataError(
+                f"data.cache_dir: {self.cache_dir} stores the prompt instead of per-image captions for {without} of its "
+                f"{self.manifest['num_pairs']} pairs (the dataset lacked data.image_caption_columns, or they were empty), "
+                "so DCPO would train them as DPO; rebuild the cache with objective.name=dcpo (a dataset without the columns "
+                "is then an error, an empty caption a bad row), or train an objective that uses the pair's prompt"
+            )
         self.variants = int(self.manifest["variants"])
         self.scaling_factor = float(self.manifest["scaling_factor"])
         self.shard_files = [self.cache_dir / s["file"] for s in self.manifest["shards"]]

@@ -90,6 +90,7 @@ class ShardBuilder:
         self.source_rows: list = []
         self.events: list = []
         self.images = 0
+        self.without_captions = 0  # pairs whose per-image captions fell back to the prompt
 
     def _text_row(self, text: str) -> int:
         return self.texts.setdefault(text, len(self.texts))
@@ -99,14 +100,17 @@ class ShardBuilder:
         first = samples[0]
         self.prompt_rows.append(self._text_row(first["caption"]))
         self.caption_rows.append([self._text_row(first["caption_w"]), self._text_row(first["caption_l"])])
+        self.without_captions += not first.get("own_captions", True)
         self.indices.append(int(first["index"]))
         self.source_rows.append(int(source_row))
         self.events.extend([int(r), str(why)] for r, why in events)
         if self.encoder.is_sdxl:
-            from t2ialign.models.text_encoding import make_time_ids
+            from t2ialign.models.text_encoding import sdxl_time_ids
 
-            resolution = (self.encoder.resolution, self.encoder.resolution)
-            self.time_ids.append(torch.stack([make_time_ids(s["original_sizes"], s["crop_top_left"], resolution) for s in samples]))
+            # always "measured": they hold the sizes and crops, so training applies either data.time_ids to them
+            resolution = self.encoder.resolution
+            self.time_ids.append(torch.stack([sdxl_time_ids("measured", s["original_sizes"], s["crop_top_left"], resolution)
+                                              for s in samples]))
         self.pending.append(samples)
         if len(self.pending) >= self.batch_pairs:
             self._encode_pending()
@@ -146,7 +150,7 @@ class ShardBuilder:
 
     def metadata(self) -> dict:
         return {"format": FORMAT_VERSION, "shard": self.shard, "pairs": len(self.indices), "texts": list(self.texts),
-                "bad_rows": self.events}
+                "bad_rows": self.events, "pairs_without_image_captions": self.without_captions}
 
 
 def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict) -> None:

@@ -3,8 +3,9 @@
 Bad rows are handled in two stages so that every batch is full and every run is deterministic:
 
 1. ``scan_rows`` (at construction): reads only caption and label columns, drops rows with an empty
-   caption, a tie or labels not summing to 1, and keeps the list of good row indices. Pick-a-Pic's
-   959k rows scan in seconds, because no image is read.
+   caption, a tie or labels not summing to 1 (and, when the objective needs per-image captions
+   (DCPO, ``require_image_captions``), an empty caption_0 / caption_1), and keeps the list of good
+   row indices. Pick-a-Pic's 959k rows scan in seconds, because no image is read.
 2. ``__getitem__(i)`` decodes the images of good row ``i``. If one is undecodable or too small,
    the row is counted and replaced by the next good row (``i+1``, ``i+2``, ... wrapping around),
    so position ``i`` always yields a pair and always the same pair. A row found bad is remembered
@@ -34,7 +35,8 @@ from t2ialign.data.badrows import (
     CONVERTED_PREFIX, DUPLICATE, BadRow, BadRowReport, decode_image, metadata_problem, winner_is_first,
 )
 from t2ialign.data.pickapic import (
-    CANONICAL_IMAGE_CAPTIONS, CANONICAL_IMAGES, image_key, iter_metadata, load_preference_dataset,
+    CANONICAL_IMAGE_CAPTIONS, CANONICAL_IMAGES, column_names, image_key, iter_metadata, load_preference_dataset,
+    missing_image_captions_message,
 )
 from t2ialign.data.transforms import PairTransform
 from t2ialign.errors import DataError
@@ -42,22 +44,26 @@ from t2ialign.errors import DataError
 SCAN_BATCH = 100_000
 
 
-def scan_rows(dataset, report: Optional[BadRowReport] = None, strict: bool = False) -> np.ndarray:
+def scan_rows(dataset, report: Optional[BadRowReport] = None, strict: bool = False,
+              require_image_captions: bool = False) -> np.ndarray:
     """Indices of rows whose caption and labels are usable (no image is read); the rest are counted
-    in ``report`` (strict: DataError at the first one).
+    in ``report`` (strict: DataError at the first one). ``require_image_captions`` (DCPO): the
+    per-image captions caption_0 / caption_1 must be non-empty too.
 
     A vectorised arrow pass finds the rows that are certainly fine; only the others go through
     ``metadata_problem`` (the one definition of each problem), which names their reason.
     """
     report = report if report is not None else BadRowReport()
-    columns = ["caption", "label_0", "label_1"] + (["source_row"] if "source_row" in dataset.column_names else [])
+    own = list(CANONICAL_IMAGE_CAPTIONS) if require_image_captions else []
+    columns = ["caption", "label_0", "label_1", *own] + (["source_row"] if "source_row" in dataset.column_names else [])
     good, start = [], 0
     for table in iter_metadata(dataset, columns, SCAN_BATCH):
-        fine = _certainly_fine(table).to_numpy(zero_copy_only=False)
+        fine = _certainly_fine(table, own).to_numpy(zero_copy_only=False)
         good.append(start + np.flatnonzero(fine))
         for offset in np.flatnonzero(~fine):
             row = table.slice(int(offset), 1).to_pylist()[0]
-            problem = metadata_problem(row["caption"], row["label_0"], row["label_1"])
+            problem = metadata_problem(row["caption"], row["label_0"], row["label_1"],
+                                       tuple(row[c] for c in own) if own else None)
             if problem is None:
                 good.append(np.asarray([start + offset]))
             else:
@@ -66,17 +72,24 @@ def scan_rows(dataset, report: Optional[BadRowReport] = None, strict: bool = Fal
     return np.sort(np.concatenate(good)).astype(np.int64) if good else np.zeros(0, dtype=np.int64)
 
 
-def _certainly_fine(table) -> "pa.ChunkedArray":
-    """Non-empty caption and labels that sum to 1 and differ; nulls and NaNs count as not fine."""
+def _non_empty_text(table, column: str, key: str) -> "pa.ChunkedArray":
     try:
-        caption = table["caption"].cast(pa.string())
+        text = table[column].cast(pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise DataError(f"the caption column holds {table['caption'].type}, not text; check data.caption_column") from None
+        raise DataError(f"the {column} column holds {table[column].type}, not text; check {key}") from None
+    return pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+
+
+def _certainly_fine(table, image_captions: list = ()) -> "pa.ChunkedArray":
+    """Non-empty caption (and ``image_captions`` columns) and labels that sum to 1 and differ; nulls and NaNs
+    count as not fine."""
+    has_text = _non_empty_text(table, "caption", "data.caption_column")
+    for column in image_captions:
+        has_text = pc.and_(has_text, _non_empty_text(table, column, "data.image_caption_columns"))
     try:
         label_0, label_1 = (table[c].cast(pa.float64()) for c in ("label_0", "label_1"))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise DataError("the label columns must hold numbers (1/0, or 0.5/0.5 for a tie); check data.label_columns") from None
-    has_text = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(caption)), 0)
     sums_to_one = pc.less_equal(pc.abs(pc.subtract(pc.add(label_0, label_1), 1.0)), 1e-6)
     valid = pc.and_(pc.and_(pc.greater_equal(label_0, 0.0), pc.greater_equal(label_1, 0.0)), pc.not_equal(label_0, label_1))
     return pc.fill_null(pc.and_(pc.and_(has_text, sums_to_one), valid), False)
@@ -102,6 +115,12 @@ def _require_canonical_columns(available: list) -> None:
         )
 
 
+def _require_image_caption_columns(available: list) -> None:
+    missing = [c for c in CANONICAL_IMAGE_CAPTIONS if c not in available]
+    if missing:
+        raise DataError(missing_image_captions_message(missing, available))
+
+
 def _config_value(cfg: Optional[DataConfig], name: str, override, default):
     if override is not None:
         return override
@@ -115,6 +134,12 @@ class _PairBuilder:
     min_image_size: int
     strict: bool
     report: BadRowReport
+    require_image_captions: bool = False  # DCPO: per-image captions must exist; an empty one is a bad row
+
+    def _row_problem(self, record: dict) -> Optional[BadRow]:
+        """``metadata_problem`` of a streamed record (map-style datasets check this in ``scan_rows``)."""
+        own = tuple(record.get(c) for c in CANONICAL_IMAGE_CAPTIONS) if self.require_image_captions else None
+        return metadata_problem(record["caption"], record["label_0"], record["label_1"], own)
 
     def _build(self, record: dict, index: int, epoch: Optional[int], events: list) -> dict:
         images = []
@@ -124,7 +149,12 @@ class _PairBuilder:
                 events.append((record.get("source_row", index), CONVERTED_PREFIX + converted_from))
             images.append(image)
         caption = str(record["caption"])
-        image_captions = [record.get(c) or caption for c in CANONICAL_IMAGE_CAPTIONS]
+        own = [record.get(c) for c in CANONICAL_IMAGE_CAPTIONS]
+        own_captions = all(c is not None and str(c).strip() for c in own)
+        if self.require_image_captions and not own_captions:  # scan_rows / _row_problem filtered these rows
+            raise metadata_problem(caption, record["label_0"], record["label_1"], tuple(own))
+        # objectives without per-image captions (and datasets without them): the prompt stands in for a missing one
+        image_captions = [c or caption for c in own]
         order = (0, 1) if winner_is_first(record["label_0"]) else (1, 0)
         pair = self.transform(images[order[0]], images[order[1]], index=index, epoch=epoch)
         return {
@@ -134,6 +164,7 @@ class _PairBuilder:
             "caption_l": str(image_captions[order[1]]),
             "original_sizes": pair.original_sizes,
             "crop_top_left": pair.crop_top_left,
+            "own_captions": own_captions,
             "index": int(index),
         }
 
@@ -154,12 +185,16 @@ class PreferencePairs(torch.utils.data.Dataset, _PairBuilder):
         pixel_values   float (2, 3, R, R) in [-1, 1], [winner, loser]
         caption        str, the pair's prompt
         caption_w/_l   str, per-image captions (data.image_caption_columns) or the prompt
+        own_captions   bool, True when both came from the row (False: the prompt stood in for one or both)
         original_sizes long (2, 2), (height, width) of each decoded image
         crop_top_left  long (2, 2), (top, left) of each crop
         index          int, the row of the HF dataset actually used (after any replacement)
         bad_rows       list of (source row, reason) met while producing this sample
 
     Options come from ``cfg`` (strict, min_image_size) unless given as keywords.
+    ``require_image_captions`` (objectives with per-image captions, DCPO): caption_0 / caption_1 must
+    be columns, and a row with an empty one is a bad row (``empty_image_caption``), never trained on
+    the pair's prompt.
     """
 
     def __init__(
@@ -171,14 +206,18 @@ class PreferencePairs(torch.utils.data.Dataset, _PairBuilder):
         strict: Optional[bool] = None,
         min_image_size: Optional[int] = None,
         report: Optional[BadRowReport] = None,
+        require_image_captions: bool = False,
     ):
         _require_canonical_columns(dataset.column_names)
+        if require_image_captions:
+            _require_image_caption_columns(dataset.column_names)
         self.dataset = dataset
         self.transform = transform
         self.strict = bool(_config_value(cfg, "strict", strict, False))
         self.min_image_size = int(_config_value(cfg, "min_image_size", min_image_size, 0))
         self.report = report if report is not None else BadRowReport()
-        self.good_rows = scan_rows(dataset, self.report, self.strict)
+        self.require_image_captions = bool(require_image_captions)
+        self.good_rows = scan_rows(dataset, self.report, self.strict, self.require_image_captions)
         if len(self.good_rows) == 0:
             raise DataError(f"no usable rows in the dataset ({len(dataset)} rows; {self.report.summary()})")
         self._known_bad: set = set()
@@ -229,7 +268,11 @@ class IterablePreferencePairs(torch.utils.data.IterableDataset, _PairBuilder):
         min_image_size: Optional[int] = None,
         drop_duplicates: Optional[bool] = None,
         report: Optional[BadRowReport] = None,
+        require_image_captions: bool = False,
     ):
+        if require_image_captions:
+            _require_image_caption_columns(column_names(dataset))
+        self.require_image_captions = bool(require_image_captions)
         self.dataset = dataset
         self.transform = transform
         self.strict = bool(_config_value(cfg, "strict", strict, False))
@@ -249,7 +292,7 @@ class IterablePreferencePairs(torch.utils.data.IterableDataset, _PairBuilder):
         for index, record in enumerate(self.dataset):
             events: list = []
             try:
-                problem = metadata_problem(record["caption"], record["label_0"], record["label_1"])
+                problem = self._row_problem(record)
                 if problem is not None:
                     raise problem
                 if self.drop_duplicates and self._is_duplicate(record, seen):
@@ -291,10 +334,15 @@ def collate_pairs(rows: list) -> dict:
     }
 
 
-def build_preference_pairs(cfg: DataConfig, seed: int = 0, report: Optional[BadRowReport] = None) -> Any:
-    """load_preference_dataset + PairTransform + (Iterable)PreferencePairs sharing one report."""
+def build_preference_pairs(cfg: DataConfig, seed: int = 0, report: Optional[BadRowReport] = None,
+                           require_image_captions: bool = False) -> Any:
+    """load_preference_dataset + PairTransform + (Iterable)PreferencePairs sharing one report.
+
+    ``require_image_captions``: set it for objectives that condition each image on its own caption
+    (``get_objective(name).per_image_captions``, DCPO): a dataset without the per-image caption columns
+    is a DataError, and a row with an empty one a bad row (not silently the pair's prompt, i.e. DPO)."""
     report = report if report is not None else BadRowReport()
-    rows = load_preference_dataset(cfg, report=report)
+    rows = load_preference_dataset(cfg, report=report, require_image_captions=require_image_captions)
     transform = PairTransform(cfg.resolution, random_crop=cfg.random_crop, random_flip=cfg.random_flip, seed=seed)
     pairs_class = IterablePreferencePairs if cfg.streaming else PreferencePairs
-    return pairs_class(rows, transform, cfg, report=report)
+    return pairs_class(rows, transform, cfg, report=report, require_image_captions=require_image_captions)

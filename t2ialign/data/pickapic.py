@@ -39,15 +39,18 @@ FILTER_BATCH = 10_000
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
 
 
-def load_preference_dataset(cfg: DataConfig, report: Optional[BadRowReport] = None) -> AnyDataset:
+def load_preference_dataset(cfg: DataConfig, report: Optional[BadRowReport] = None,
+                            require_image_captions: bool = False) -> AnyDataset:
     """Load, rename to canonical columns, and filter (ties, models, duplicates, row limit).
 
     Rows removed by filters are counted in ``report.filtered`` (map-style datasets) and logged.
     Duplicates of a streaming dataset are removed later, by IterablePreferencePairs.
+    ``require_image_captions`` (objectives with per-image captions, DCPO): the caption columns
+    (``data.image_caption_columns``, default included) must exist, else DataError.
     """
     report = report if report is not None else BadRowReport()
     raw = load_raw(cfg)
-    mapping = resolve_columns(column_names(raw), cfg)
+    mapping = resolve_columns(column_names(raw), cfg, require_image_captions=require_image_captions)
     dataset = select_canonical(raw, mapping)
     if isinstance(dataset, datasets.Dataset):
         dataset = dataset.add_column("source_row", np.arange(len(dataset), dtype=np.int64))  # numpy: hashed fast
@@ -148,8 +151,10 @@ def column_names(dataset: AnyDataset) -> list:
     return list(names)
 
 
-def resolve_columns(available: list, cfg: DataConfig) -> dict:
-    """canonical name -> source column; DataError naming the config key for anything missing."""
+def resolve_columns(available: list, cfg: DataConfig, require_image_captions: bool = False) -> dict:
+    """canonical name -> source column; DataError naming the config key for anything missing.
+
+    Per-image captions are optional unless ``require_image_captions`` (DCPO) or set to non-default columns."""
     if len(cfg.image_columns) != 2 or len(cfg.label_columns) != 2:
         raise DataError("data.image_columns and data.label_columns need exactly two entries each (image 0, image 1)")
     required = {"caption": (cfg.caption_column, "data.caption_column")}
@@ -162,27 +167,44 @@ def resolve_columns(available: list, cfg: DataConfig) -> dict:
         if source not in available:
             raise DataError(_missing_column_message(source, key, available))
         mapping[canonical] = source
-    mapping.update(_image_caption_mapping(available, cfg))
+    mapping.update(_image_caption_mapping(available, cfg, require_image_captions))
     for extra in MODEL_COLUMNS + UID_COLUMNS:
         if extra in available and extra not in mapping.values():
             mapping[extra] = extra
     return mapping
 
 
-def _image_caption_mapping(available: list, cfg: DataConfig) -> dict:
+def _image_caption_mapping(available: list, cfg: DataConfig, required: bool = False) -> dict:
     """Per-image captions (DCPO) when present. A non-default setting that is missing is an error;
-    the default is optional because most datasets (Pick-a-Pic itself) have no per-image captions."""
+    the default is optional because most datasets (Pick-a-Pic itself) have no per-image captions,
+    unless ``required`` (the objective conditions each image on its own caption)."""
     sources = list(cfg.image_caption_columns or [])
     if not sources:
+        if required:
+            raise DataError(missing_image_captions_message([], available))
         return {}
     if len(sources) != 2:
         raise DataError(f"data.image_caption_columns: need two entries (one per image) or none, got {sources}")
     missing = [s for s in sources if s not in available]
     if not missing:
         return dict(zip(CANONICAL_IMAGE_CAPTIONS, sources))
+    if required:
+        raise DataError(missing_image_captions_message(missing, available))
     if sources == DEFAULT_IMAGE_CAPTIONS:
         return {}
     raise DataError(_missing_column_message(missing[0], "data.image_caption_columns", available))
+
+
+def missing_image_captions_message(missing: list, available: list) -> str:
+    """One line for an objective that needs per-image captions (DCPO) on a dataset without them."""
+    what = (f"has no column {', '.join(repr(c) for c in missing)}" if missing
+            else "has no per-image caption columns configured (data.image_caption_columns is empty)")
+    return (
+        f"data.image_caption_columns: DCPO conditions each image on its own caption, but the dataset {what}; "
+        f"available columns: {', '.join(available)}. Map the two columns that caption data.image_columns with "
+        "data.image_caption_columns=COLUMN_0,COLUMN_1, or add them to the dataset as README.md's \"DCPO captions\" "
+        "describes (a VLM caption per image, or the prompt and a perturbed prompt; DualCPO/pick-double-caption ships them)"
+    )
 
 
 def _missing_column_message(column: str, key: str, available: list) -> str:

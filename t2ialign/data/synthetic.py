@@ -178,8 +178,14 @@ def make_pickapic_rows(
     with_dual_captions: bool = True,
     ties: int = 0,
     bad_rows: Optional[dict] = None,
+    empty_image_captions: Sequence[int] = (),
 ) -> tuple[list, dict]:
     """Rows as dicts plus {kind: [row indices]} of what was injected (see write_pickapic_parquet)."""
+    if empty_image_captions and not with_dual_captions:
+        raise ValueError("empty_image_captions needs with_dual_captions=True (the caption_0 / caption_1 columns)")
+    bad_captions = sorted(set(int(r) for r in empty_image_captions))
+    if any(not 0 <= r < num_rows for r in bad_captions):
+        raise ValueError(f"empty_image_captions: rows must be in [0, {num_rows}), got {bad_captions}")
     rng = random.Random(seed)
     sizes = _sizes(image_size)
     plan = _plan_injections(num_rows, ties, bad_rows, rng)
@@ -191,6 +197,9 @@ def make_pickapic_rows(
         if kind is not None:
             row = _inject(row, kind, which=i % 2, rows_so_far=rows)
             injected.setdefault(kind, []).append(i)
+        if i in bad_captions:  # DCPO-only defect: "" on even rows, null on odd rows, in the caption of jpg_{i % 2}
+            row[f"caption_{i % 2}"] = "" if i % 2 == 0 else None
+            injected.setdefault("empty_image_caption", []).append(i)
         rows.append(row)
     return rows, injected
 
@@ -205,6 +214,7 @@ def write_pickapic_parquet(
     ties: int = 0,
     bad_rows: Optional[dict] = None,
     row_group_size: int = 64,
+    empty_image_captions: Sequence[int] = (),
 ) -> Path:
     """Write a Pick-a-Pic v2-schema parquet file of ``num_rows`` pairs and return its path.
 
@@ -212,9 +222,14 @@ def write_pickapic_parquet(
     both images of a row share a size. ``ties`` rows get labels 0.5/0.5 (real data has them).
     ``bad_rows``: {kind: count} with kinds from ``BAD_ROW_KINDS``; image defects go into jpg_0 on
     even rows and jpg_1 on odd rows. Deterministic in ``seed``.
+    ``with_dual_captions=False`` leaves out the per-image caption columns (``caption_0``/``caption_1``,
+    what DCPO needs); ``empty_image_captions``: rows whose per-image caption is emptied (caption_0 = ""
+    on even rows, caption_1 = null on odd rows), recorded as kind ``empty_image_caption`` (a bad row
+    for DCPO only, so it is not among ``BAD_ROW_KINDS``).
     """
     rows, injected = make_pickapic_rows(
-        num_rows, image_size=image_size, seed=seed, with_dual_captions=with_dual_captions, ties=ties, bad_rows=bad_rows
+        num_rows, image_size=image_size, seed=seed, with_dual_captions=with_dual_captions, ties=ties, bad_rows=bad_rows,
+        empty_image_captions=empty_image_captions,
     )
     for row in rows:
         row.pop("_images", None)

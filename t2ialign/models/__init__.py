@@ -17,6 +17,7 @@ _EXPORTS = {
     "PromptEmbeddings": "text_encoding",
     "encode_prompts": "text_encoding",
     "make_time_ids": "text_encoding",
+    "sdxl_time_ids": "text_encoding",
     "unet_conditioning": "text_encoding",
     "drop_prompts": "text_encoding",
     "prompt_keep_mask": "text_encoding",

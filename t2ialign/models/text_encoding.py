@@ -119,6 +119,35 @@ def make_time_ids(
     return torch.cat([original_sizes.to(dtype), crop_top_left.to(dtype), target], dim=1)
 
 
+TIME_IDS_MODES = ("measured", "fixed")  # data.time_ids
+
+
+def sdxl_time_ids(
+    mode: str,
+    original_sizes: Tensor,
+    crop_top_left: Tensor,
+    resolution: int,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The SDXL ``time_ids`` a training image is conditioned on (``data.time_ids``), one row per image.
+
+    ``"measured"``: ``[orig_h, orig_w, crop_top, crop_left, R, R]``, the decoded image's size and the crop
+    offset (diffusers' ``train_text_to_image_sdxl.py``, MaPO). ``"fixed"``: ``[R, R, 0, 0, R, R]`` for every
+    image whatever its size, as the released SDXL trainers of Diffusion-DPO, DCPO and DDIM-InPO hard-code.
+    At inference the diffusers SDXL pipeline passes original = target = (height, width) and crop (0, 0)
+    by default, so a square R x R generation is conditioned on ``[R, R, 0, 0, R, R]`` under both.
+    The image path (training step) and the cache build both compute time_ids here.
+    """
+    if mode not in TIME_IDS_MODES:
+        raise ValueError(f"data.time_ids: {mode!r} is not allowed; allowed: {', '.join(TIME_IDS_MODES)}")
+    original_sizes = torch.as_tensor(original_sizes).reshape(-1, 2)
+    crop_top_left = torch.as_tensor(crop_top_left).reshape(-1, 2)
+    if mode == "fixed":
+        original_sizes = torch.full_like(original_sizes, int(resolution))
+        crop_top_left = torch.zeros_like(crop_top_left)
+    return make_time_ids(original_sizes, crop_top_left, (int(resolution), int(resolution)), dtype=dtype)
+
+
 def unet_conditioning(is_sdxl: bool, embeds: PromptEmbeddings, time_ids: Optional[Tensor] = None) -> dict:
     """Keyword arguments for ``unet(zt, t, **kwargs)``."""
     kwargs = {"encoder_hidden_states": embeds.prompt_embeds}

@@ -207,7 +207,7 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
         with accelerator.accumulate(models.policy), accelerator.autocast():
             output = preference_step(
                 models, spec, params, batch, resolution=config.data.resolution,
-                prompt_dropout=config.data.prompt_dropout, generator=generator,
+                prompt_dropout=config.data.prompt_dropout, generator=generator, time_ids_mode=config.data.time_ids,
             )
             accelerator.backward(output.loss)
             averager.add(output.loss, output.metrics)

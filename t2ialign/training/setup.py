@@ -136,4 +136,8 @@ def build_dataset(config: TrainConfig):
             "data.streaming: training reads a map-style dataset so that resume is exact; stream the data once "
             "through `t2ialign cache` (or set data.max_rows to train on a subset) and train from data.cache_dir"
         )
-    return build_preference_pairs(config.data, seed=config.seed), collate_pairs
+    from t2ialign.objectives import get_objective
+
+    # DCPO: a dataset without per-image captions is a DataError (before any model loads), an empty one a bad row
+    require = get_objective(config.objective.name).per_image_captions
+    return build_preference_pairs(config.data, seed=config.seed, require_image_captions=require), collate_pairs

@@ -84,8 +84,10 @@ def _drop_cached_prompts(embeds: PromptEmbeddings, batch: dict, dropout: float, 
 def _time_ids(batch: dict, resolution: int, mode: str) -> Tensor:
     """SDXL time_ids (2B, 6) under ``data.time_ids``, from the image path's measured sizes and crops, or from
     the cache's measured ``[orig_h, orig_w, top, left, R, R]`` rows: one function for both paths."""
-    if "time_ids" in batch:  # pre-encoded cache: always stored "measured" (t2ialign.data.cache)
+    if "time_ids" in batch:  # pre-encoded cache: sdxl_time_ids("measured", ...) rows (t2ialign.data.cache)
         stored = batch["time_ids"]
+        if mode == "measured":  # as stored (pinned by the loader: the copy to the GPU stays asynchronous)
+            return stored
         return sdxl_time_ids(mode, stored[:, 0:2], stored[:, 2:4], resolution)
     return sdxl_time_ids(mode, batch["original_sizes"], batch["crop_top_left"], resolution)
 

@@ -93,8 +93,12 @@ def build_imagereward_modules(med_config: dict, vision_kwargs: dict | None = Non
     from transformers.models.blip.modeling_blip import BlipVisionModel
     from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+    # initializer_range: BlipVisionConfig defaults to 1e-10, which transformers applies to every Linear/Conv2d and to
+    # the position/class embeddings; a randomly initialised tower then outputs ~0 for every image (|h| ~ 1e-5 after
+    # the final LayerNorm) and the image cannot reach the text encoder's cross-attention. BLIP's own ViT initialises
+    # with trunc_normal(std=0.02). Irrelevant when a checkpoint is loaded (every weight is overwritten).
     vk = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-              patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
+              patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu", initializer_range=0.02)
     vk.update(vision_kwargs or {})
     vision = BlipVisionModel(BlipVisionConfig(**vk))
     m = med_config
@@ -105,7 +109,8 @@ def build_imagereward_modules(med_config: dict, vision_kwargs: dict | None = Non
         num_attention_heads=m.get("num_attention_heads", 12), max_position_embeddings=m.get("max_position_embeddings", 512),
         hidden_act=m.get("hidden_act", "gelu"), layer_norm_eps=m.get("layer_norm_eps", 1e-12),
         hidden_dropout_prob=m.get("hidden_dropout_prob", 0.1), attention_probs_dropout_prob=m.get("attention_probs_dropout_prob", 0.1),
-        pad_token_id=m.get("pad_token_id", 0), bos_token_id=None, eos_token_id=None, sep_token_id=None,
+        pad_token_id=m.get("pad_token_id", 0), initializer_range=m.get("initializer_range", 0.02),
+        bos_token_id=None, eos_token_id=None, sep_token_id=None,
     )
     text = BlipTextModel(tcfg, add_pooling_layer=False)
     return vision, text
@@ -141,6 +146,8 @@ class ImageRewardScorer(Scorer):
         pix = clip_preprocess(images, self.image_size, crop="round", convert_first=False).to(self.device, self.dtype)
         image_embeds = self.vision(pixel_values=pix).last_hidden_state
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        # all-ones, as in ImageReward.score (transformers 5.x's BlipTextAttention does not forward a cross-attention
+        # mask to BlipTextSelfAttention, so only an all-ones mask gives the same result there)
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         out = self.text(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device),
                         encoder_hidden_states=image_embeds, encoder_attention_mask=atts)

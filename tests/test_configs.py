@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_reliability import cli, metrics, ok
+from helpers.runs import cli, metrics, ok
 
 from t2ialign.config import load_train_config
 

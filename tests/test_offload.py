@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from test_reliability import assert_same_trajectory, cli, killed, metrics, ok, write_config
+from helpers.runs import assert_same_trajectory, cli, killed, metrics, ok, write_config
 
 from t2ialign.config import ConfigError, OptimConfig, TrainConfig, validate_train_config
 from t2ialign.training.offload import CPUOffloadOptimizer
@@ -172,7 +172,7 @@ def test_optimizer_benchmark_reports_each_memory_mode(tmp_path):
     import subprocess
     import sys
 
-    from test_reliability import ENV, REPO
+    from helpers.runs import ENV, REPO
 
     out = tmp_path / "opt.json"
     proc = subprocess.run([sys.executable, "scripts/bench_optimizer.py", "--params", "3e6", "--steps", "1", "--threads", "1",

@@ -1,6 +1,6 @@
 """Run ``t2ialign train`` in-process with a registered objective whose loss goes bad on chosen micro-steps.
 
-Used by tests/test_reliability.py: ``python tests/helpers/flaky_objective_train.py CONFIG PLAN_JSON [--set k=v ...]``.
+Used by tests/test_reliability_resume.py: ``python tests/helpers/flaky_objective_train.py CONFIG PLAN_JSON [--set k=v ...]``.
 PLAN_JSON maps a call index (= micro-step, 0-based) to one of
   "nan_loss"      loss * nan: non-finite loss and non-finite gradients
   "inf_loss"      loss + inf (a constant): non-finite loss, finite gradients

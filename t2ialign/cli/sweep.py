@@ -9,7 +9,7 @@ folder and plot score vs w. Every w uses the same prompts and initial latents.
   t2ialign sweep --model stabilityai/stable-diffusion-xl-base-1.0 --guide-with runs/sdxl-dpo/final \\
       --scales 0,0.5,1,1.5,2,3 --scorers pickscore,hpsv21 --prompts partiprompts --limit 200 --out sweeps/dpo
 
-w = 0 is the base model, w = 1 the aligned model, w > 1 extrapolates (ALGORITHMS.md section 5).
+w = 0 is the base model, w = 1 the aligned model, w > 1 extrapolates (docs/ALGORITHMS.md section 5).
 Writes <out>/w<scale>/ (images, metadata.jsonl, scores.jsonl), <out>/sweep.json (mean score per scorer
 with a bootstrap CI over prompts, win rate vs w = 0) and <out>/sweep.png. Interrupted sweeps resume."""
 
@@ -49,7 +49,7 @@ def run(args) -> int:
     from t2ialign.cli.score import scorer_paths
     from t2ialign.config import SampleConfig
     from t2ialign.errors import UserFacingError
-    from t2ialign.guidance.sweep import rlg_sweep, scale_key
+    from t2ialign.evaluation.sweep import rlg_sweep, scale_key
     from t2ialign.scoring import canonical_scorer_name, get_scorer, parse_scorer_list
 
     scales = parse_scales(args.scales)

@@ -1,21 +1,20 @@
-"""RL guidance (RLG, ALGORITHMS.md section 5): mix a base and an aligned model at sampling time.
+"""RL guidance (RLG, docs/ALGORITHMS.md section 5): mix a base and an aligned model at sampling time.
 
     from t2ialign.guidance import make_rlg_pipeline
     pipe = make_rlg_pipeline(base_pipe, "runs/sdxl-dpo/final", w=1.5)   # full UNet or LoRA directory
     images = pipe(prompt=["a red bus"], guidance_scale=5.0).images
 
 ``RLGUNet`` is the denoiser wrapper; ``rlg_pipeline(SampleConfig)`` is what ``t2ialign sample --guide-with``
-uses; ``rlg_sweep`` samples and scores a list of scales (``t2ialign sweep``).
+uses. This package knows nothing of evaluation: the sweep that samples and scores a list of scales
+(``t2ialign sweep``) is ``t2ialign.evaluation.sweep.rlg_sweep``.
 """
 from .pipeline import RLG_ADAPTER_NAME, load_aligned_into, make_rlg_pipeline, rlg_pipeline
 from .unet import RLGError, RLGUNet
 
-__all__ = ["RLGUNet", "RLGError", "make_rlg_pipeline", "rlg_pipeline", "load_aligned_into", "RLG_ADAPTER_NAME", "rlg_sweep"]
+__all__ = ["RLGUNet", "RLGError", "make_rlg_pipeline", "rlg_pipeline", "load_aligned_into", "RLG_ADAPTER_NAME"]
 
 
 def __getattr__(name):
-    if name == "rlg_sweep":  # imports the evaluation package; loaded on first use
-        from .sweep import rlg_sweep
-
-        return rlg_sweep
-    raise AttributeError(name)
+    if name == "rlg_sweep":  # moved; importing it from here would make guidance depend on evaluation again
+        raise AttributeError("t2ialign.guidance.rlg_sweep moved: use `from t2ialign.evaluation.sweep import rlg_sweep`")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -188,7 +188,7 @@ def _rlg_sweep(settings, base_dir, exports, records, reward_fn, preference_name,
     if settings.rlg_objective not in exports or not settings.rlg_scales:
         return None
     try:
-        from t2ialign.guidance import rlg_sweep
+        from t2ialign.evaluation.sweep import rlg_sweep
         from t2ialign.scoring.base import FunctionScorer
     except ImportError:  # guidance not available in this build
         return None

@@ -1,7 +1,6 @@
 """Build what a training run needs: models (policy, reference), data, and the accelerator."""
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from t2ialign.config import ConfigError, TrainConfig
 from t2ialign.models.loading import load_components, set_attention_backend
 from t2ialign.models.lora import add_lora
+from t2ialign.models.reference import frozen_reference
 from t2ialign.objectives import ObjectiveSpec
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,11 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
         for param in trainable:
             param.data = param.data.float()
     else:
-        if spec.needs_reference:
-            reference = copy.deepcopy(unet).to(dtype=DTYPES[config.model.reference_dtype])
-            reference.requires_grad_(False).eval()
         if config.model.policy_dtype == "bf16":  # the fp32 masters are kept by the optimizer (optim.offload)
             unet.to(dtype=torch.bfloat16)
+        if spec.needs_reference:  # copied from the policy as it computes (after its dtype is set)
+            autocast_dtype = None if config.mixed_precision == "no" else DTYPES[config.mixed_precision]
+            reference = frozen_reference(unet, DTYPES[config.model.reference_dtype], autocast_dtype)
         unet.requires_grad_(True)
         trainable = [p for p in unet.parameters() if p.requires_grad]
     if config.gradient_checkpointing:

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from t2ialign.inversion import ddim_inversion_target
 from t2ialign.models.lora import adapters_disabled
+from t2ialign.models.reference import reference_compute_dtype
 from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, prompt_keep_mask, sdxl_time_ids, unet_conditioning
 from t2ialign.noising import noisy_latents_and_target, per_sample_error, sample_pair_timesteps
 from t2ialign.objectives import ObjectiveOutput, ObjectiveSpec
@@ -167,8 +168,8 @@ def preference_step(
 def reference_errors(models: StepModels, zt: Tensor, timesteps: Tensor, cond: dict, target: Tensor) -> Tensor:
     """Errors of the frozen reference, off the autograd graph (LoRA: the same UNet, adapters off)."""
     with torch.no_grad():
-        if models.reference is not None:
-            ref_dtype = next(models.reference.parameters()).dtype
+        if models.reference is not None:  # an exact reference (t2ialign.models.reference) takes the policy's inputs
+            ref_dtype = reference_compute_dtype(models.reference)
             ref_cond = _to_device(cond, zt.device, ref_dtype)
             pred = models.reference(zt.to(ref_dtype), timesteps, **ref_cond).sample
         else:

@@ -110,7 +110,7 @@ def parse_args(argv=None):
                         help="with --checkpointing: recompute whole blocks (full) or only the cheap ops in them (selective)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet(s) (t2ialign.models.speed)")
     parser.add_argument("--compile-cache-dir", default=None, help="persistent Inductor cache (default ~/.cache/t2ialign/torchinductor)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last convolution weights and latents")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last convolution weights (t2ialign.models.speed); latents stay NCHW, as in training")
     parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa")
     parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "adafactor"), default="adamw")
     parser.add_argument("--offload", action="store_true", help="optimizer offload: fp32 masters and states in host RAM")

@@ -11,16 +11,22 @@ import torch
 TEXT_TOKENS = 77
 
 
-def make_batch(unet_config, pairs: int, latent_size: int, device, seed: int, channels_last: bool) -> dict:
-    """A pre-encoded micro-batch, winners first (the ``t2ialign cache`` layout read by ``preference_step``)."""
+def make_batch(unet_config, pairs: int, latent_size: int, device, seed: int) -> dict:
+    """A pre-encoded micro-batch, winners first (the ``t2ialign cache`` layout read by ``preference_step``).
+
+    The latents are NCHW-contiguous whatever ``--channels-last`` says, as the trainer's are (the cache reader's
+    tensors are contiguous, ``preference_step`` makes VAE latents contiguous): the channels-last lever converts
+    the weights only, and the first convolution converts the activations. Channels-last latents would send the
+    policy (train mode) and the frozen reference (eval mode) down different memory formats while the weights are
+    still NCHW (diffusers' ``ResnetBlock2D`` makes its shortcut input contiguous in train mode only), so the
+    counted micro-step's first DPO loss would not be ln 2.
+    """
     n = 2 * pairs
     text_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
     resolution = 8 * latent_size
     gen = torch.Generator("cpu").manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
     latents = rand(n, unet_config.in_channels, latent_size, latent_size)
-    if channels_last:
-        latents = latents.contiguous(memory_format=torch.channels_last)
     return {
         "latents": latents,
         "prompt_embeds": rand(n, TEXT_TOKENS, unet_config.cross_attention_dim),
@@ -101,7 +107,7 @@ def build_row(args, objective: str, lora_rank: int, device) -> dict:
         reference.to(device)
     optimizer = None if args.count_only else build_optimizer(trainable, config.optim, 1e-6)
     models = StepModels(policy, policy, reference, components, lora=config.lora.enabled)
-    batch = make_batch(unet.config, args.micro_batch, args.latent_size, device, args.seed, args.channels_last)
+    batch = make_batch(unet.config, args.micro_batch, args.latent_size, device, args.seed)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
 
     def autocast():

@@ -139,7 +139,7 @@ def build_row(args, objective: str, lora_rank: int, device) -> dict:
 
     reference_kind = "frozen copy" if reference is not None else (
         "adapters disabled" if lora_rank > 0 and spec.needs_reference else "none")
-    return dict(config=config, spec=spec, policy=policy, reference=reference, trainable=trainable, optimizer=optimizer,
+    return dict(config=config, spec=spec, policy=policy, reference=reference, models=models, trainable=trainable, optimizer=optimizer,
                 batch=batch, autocast=autocast, forward=forward, backward=backward, one_forward=one_forward,
                 reference_kind=reference_kind)
 

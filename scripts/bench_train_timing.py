@@ -51,7 +51,12 @@ def bench_row(args, objective: str, lora_rank: int, device) -> dict:
     flops_micro = flops_forward + flops_backward
 
     # ---- speed levers, then warmup and timed steps
-    apply_speed_settings(config, policy, reference)
+    shared_graph = config.compile and built["spec"].needs_reference
+    apply_speed_settings(config, policy, None if shared_graph else reference)
+    if shared_graph:  # as the trainer does (t2ialign.training.setup): the reference runs the policy's compiled graph
+        from t2ialign.models.reference import shared_graph_reference
+
+        built["models"].reference = shared_graph_reference(policy, lora=config.lora.enabled)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -9,7 +9,7 @@ import torch
 from t2ialign.config import ConfigError, TrainConfig
 from t2ialign.models.loading import load_components, set_attention_backend
 from t2ialign.models.lora import add_lora
-from t2ialign.models.reference import frozen_reference
+from t2ialign.models.reference import frozen_reference, shared_graph_reference
 from t2ialign.objectives import ObjectiveSpec
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
     else:
         if config.model.policy_dtype == "bf16":  # the fp32 masters are kept by the optimizer (optim.offload)
             unet.to(dtype=torch.bfloat16)
-        if spec.needs_reference:  # copied from the policy as it computes (after its dtype is set)
+        if spec.needs_reference and not config.compile:  # copied from the policy as it computes (after its dtype is set)
             autocast_dtype = None if config.mixed_precision == "no" else DTYPES[config.mixed_precision]
             reference = frozen_reference(unet, DTYPES[config.model.reference_dtype], autocast_dtype)
         unet.requires_grad_(True)
@@ -102,13 +102,22 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
     from t2ialign.models.speed import apply_speed_settings
 
     apply_speed_settings(config, unet, reference)
+    if config.compile and spec.needs_reference:  # one compiled graph computes policy and reference alike
+        reference = shared_graph_reference(unet, lora=config.lora.enabled)
     logger.info(
         "policy: %.1fM trainable of %.1fM parameters; reference: %s",
         sum(p.numel() for p in trainable) / 1e6,
         sum(p.numel() for p in unet.parameters()) / 1e6,
-        "frozen copy" if reference is not None else ("adapters disabled" if config.lora.enabled and spec.needs_reference else "none"),
+        _describe_reference(config, spec, reference),
     )
     return unet, reference, trainable
+
+
+def _describe_reference(config: TrainConfig, spec: ObjectiveSpec, reference) -> str:
+    if not spec.needs_reference:
+        return "none"
+    how = "the policy's compiled graph with " if config.compile else ""
+    return how + ("adapters disabled" if config.lora.enabled else "frozen copy")
 
 
 def build_dataset(config: TrainConfig):

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from t2ialign.inversion import ddim_inversion_target
 from t2ialign.models.lora import adapters_disabled
-from t2ialign.models.reference import reference_compute_dtype
+from t2ialign.models.reference import SharedGraphReference, reference_compute_dtype
 from t2ialign.models.text_encoding import PromptEmbeddings, drop_prompts, encode_prompts, prompt_keep_mask, sdxl_time_ids, unet_conditioning
 from t2ialign.noising import noisy_latents_and_target, per_sample_error, sample_pair_timesteps
 from t2ialign.objectives import ObjectiveOutput, ObjectiveSpec
@@ -155,18 +155,20 @@ def preference_step(
     dtype = next(models.policy_unwrapped.parameters()).dtype
     cond = _to_device(cond, latents.device, torch.float32 if dtype == torch.float32 else dtype)
     zt, timesteps, target = _noised(models, spec, params, latents, cond, generator)
+    ref_err_w = ref_err_l = None
+    if spec.needs_reference:  # first: a reference pass that saves activations (compile) frees them before the policy's
+        ref_err_w, ref_err_l = reference_errors(models, zt, timesteps, cond, target).chunk(2)
     rows = slice(None) if spec.uses_loser else slice(0, latents.shape[0] // 2)
     pred = models.policy(zt[rows], timesteps[rows], **_select(cond, rows)).sample
     model_err = per_sample_error(pred, target[rows])
     model_err_w, model_err_l = model_err.chunk(2) if spec.uses_loser else (model_err, None)
-    ref_err_w = ref_err_l = None
-    if spec.needs_reference:
-        ref_err_w, ref_err_l = reference_errors(models, zt, timesteps, cond, target).chunk(2)
     return spec(model_err_w, model_err_l, ref_err_w, ref_err_l, **params)
 
 
 def reference_errors(models: StepModels, zt: Tensor, timesteps: Tensor, cond: dict, target: Tensor) -> Tensor:
     """Errors of the frozen reference, off the autograd graph (LoRA: the same UNet, adapters off)."""
+    if isinstance(models.reference, SharedGraphReference):  # compile: the policy's own graph, reference weights
+        return per_sample_error(models.reference.predict(models.policy_unwrapped, zt, timesteps, **cond), target)
     with torch.no_grad():
         if models.reference is not None:  # an exact reference (t2ialign.models.reference) takes the policy's inputs
             ref_dtype = reference_compute_dtype(models.reference)

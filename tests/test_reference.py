@@ -23,22 +23,27 @@ LN2 = math.log(2.0)
 COMPILED_VS_EAGER_TOLERANCE = 2e-3
 
 
+def _move_weights_off_the_bf16_grid(pipeline_dir):
+    """Perturb every saved UNet weight, as training does (norm scales no longer exactly 1)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    unet.save_pretrained(pipeline_dir / "unet")
+    return pipeline_dir
+
+
 @pytest.fixture(scope="module")
 def trained_like_dir(tiny_sdxl_dir, tmp_path_factory):
     """The tiny SDXL pipeline with every UNet weight moved off the bf16 grid (norm scales no longer 1)."""
     import shutil
 
-    from diffusers import UNet2DConditionModel
-
     target = tmp_path_factory.mktemp("trained_like") / "pipeline"
     shutil.copytree(tiny_sdxl_dir, target)
-    unet = UNet2DConditionModel.from_pretrained(target / "unet")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in unet.parameters():
-            param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    unet.save_pretrained(target / "unet")
-    return target
+    return _move_weights_off_the_bf16_grid(target)
 
 
 def _batch(num_pairs=4, seed=0, original_size=(31, 45)):
@@ -130,18 +135,10 @@ def test_first_logged_dpo_loss_is_ln2_through_the_cli(trained_like_dir, pickapic
 @pytest.fixture(scope="module")
 def micro_trained_like_dir(tmp_path_factory):
     """One down / one up block: the smallest SDXL-structured UNet, so that Inductor compiles it in CI time."""
-    from diffusers import UNet2DConditionModel
-
     from t2ialign.models.tiny import build_tiny_sdxl_pipeline
 
     target = build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("micro") / "pipeline", unet_block_out_channels=(32,))
-    unet = UNet2DConditionModel.from_pretrained(target / "unet")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in unet.parameters():
-            param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    unet.save_pretrained(target / "unet")
-    return target
+    return _move_weights_off_the_bf16_grid(target)
 
 
 def _cli_losses(pipeline_dir, parquet, run_dir, *, compile_, lora):

@@ -13,9 +13,12 @@ from t2ialign.errors import ModelNotFoundError
 def resolve_aligned(path: str | Path) -> tuple[str, Path]:
     """An aligned model is a training export (``final/``), a ``unet`` directory or a LoRA directory.
 
-    Returns ("unet" | "lora", directory to load).
+    Returns ("unet" | "lora", directory to load). A hub id (``mhdang/dpo-sdxl-text2image-v1``, the released
+    Diffusion-DPO UNet) that is not a local directory is downloaded first (its UNet / LoRA files only).
     """
     path = Path(path)
+    if not path.exists() and _looks_like_hub_id(str(path)):
+        path = _download_aligned(str(path))
     manifest = path / "export.json"
     if manifest.is_file():
         kind = json.loads(manifest.read_text())["kind"]
@@ -30,6 +33,26 @@ def resolve_aligned(path: str | Path) -> tuple[str, Path]:
         f"{path} is not an aligned model: expected a training export (with export.json), a diffusers UNet "
         "directory (config.json + weights) or a LoRA directory (pytorch_lora_weights.safetensors)"
     )
+
+
+ALIGNED_FILES = ["export.json", "*.json", "*.safetensors", "unet/*.json", "unet/*.safetensors", "lora/*"]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _download_aligned(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=ALIGNED_FILES))
+    except Exception as exc:  # offline, unknown repo, gated
+        raise ModelNotFoundError(
+            f"aligned model {repo_id!r}: not a local directory and not downloadable from the hub ({type(exc).__name__}); "
+            f"download it first (hf download {repo_id} --local-dir DIR) and pass DIR"
+        ) from None
 
 
 def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch.float32, device="cpu", scheduler: Optional[str] = None):

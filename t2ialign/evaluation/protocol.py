@@ -167,7 +167,8 @@ def _with_stand_ins(where: str, published: list, stand_ins: Optional[dict]) -> l
         return published
     _unknown(f"{where}: stand_ins", stand_ins, ("prompts", "scorers"))
     prompts, scorers = stand_ins.get("prompts", {}), stand_ins.get("scorers", {})
-    return [dataclasses.replace(p, prompts=prompts.get(p.prompts, p.prompts), scorer=scorers.get(p.scorer, p.scorer))
+    return [dataclasses.replace(p, prompts=prompts.get(p.prompts, p.prompts), scorer=scorers.get(p.scorer, p.scorer),
+                                source=f"{p.source} [published: {p.scorer or p.metric} on {p.prompts or 'pairs'}]")
             for p in published]
 
 

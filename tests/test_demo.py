@@ -62,3 +62,20 @@ def test_dpo_raises_the_toy_reward_and_a_sign_flipped_objective_does_not(toy_wor
     flipped_mean, flipped_win = results["dpo_sign_flipped"]
     assert dpo_mean > base_mean and dpo_win.low > 0.5, (base_mean, results)
     assert flipped_mean < base_mean and flipped_win.win_rate < 0.5, (base_mean, results)
+    _eval_cli_reproduces(out, settings, dpo_win)
+
+
+def _eval_cli_reproduces(out, settings, demo_win):
+    """`t2ialign eval --scorers toy.vividness` on the demo's folders gives the demo's win rate and CI, offline."""
+    import json
+    import subprocess
+    import sys
+
+    report = out / "eval-by-hand"
+    cmd = [sys.executable, "-m", "t2ialign", "eval", f"base={out / 'samples' / 'base'}",
+           f"dpo={out / 'samples' / f'dpo-step{settings.train_steps}'}", "--scorers", "toy.vividness", "--baseline", "base",
+           "--out", str(report), "--seed", str(settings.seed)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [w for w in json.loads((report / "report.json").read_text())["win_rates"] if w["scorer"] == "toy.vividness"]
+    assert (row["win_rate"], row["low"], row["high"]) == pytest.approx((demo_win.win_rate, demo_win.low, demo_win.high), abs=1e-12)

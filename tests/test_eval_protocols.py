@@ -103,3 +103,16 @@ def test_protocol_runs_end_to_end_on_the_toy_world(path, toy_root, tmp_path):
         assert "win_rate" in metrics
     for prompt_set in protocol.prompt_sets:
         assert list((tmp_path / "out" / "reports").glob("*/report.html"))
+
+
+def test_implicit_reward_of_a_model_against_itself_is_a_tie_on_every_pair(tiny_sdxl_dir, pickapic_parquet, tmp_path):
+    """Hand-derived: policy == reference gives margin 0 on every pair, so accuracy 0.5 and every pair a tie."""
+    from diffusers import UNet2DConditionModel
+
+    from t2ialign.evaluation.preference_accuracy import implicit_reward_on_dataset
+
+    copy_dir = tmp_path / "same_unet"
+    UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet").save_pretrained(copy_dir)
+    result = implicit_reward_on_dataset(str(tiny_sdxl_dir), str(copy_dir), str(pickapic_parquet), split="train", limit=None,
+                                        resolution=32, draws=2, batch_size=3, n_boot=50, progress=False)
+    assert result["n"] > 0 and result["ties"] == result["n"] and result["accuracy"] == 0.5

@@ -116,3 +116,14 @@ def test_implicit_reward_of_a_model_against_itself_is_a_tie_on_every_pair(tiny_s
     result = implicit_reward_on_dataset(str(tiny_sdxl_dir), str(copy_dir), str(pickapic_parquet), split="train", limit=None,
                                         resolution=32, draws=2, batch_size=3, n_boot=50, progress=False)
     assert result["n"] > 0 and result["ties"] == result["n"] and result["accuracy"] == 0.5
+
+
+def test_a_released_checkpoint_by_hub_id_offline_is_a_one_line_error_naming_the_download(monkeypatch, tmp_path):
+    from t2ialign.errors import ModelNotFoundError
+    from t2ialign.models.pipeline import resolve_aligned
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_aligned("mhdang/dpo-sdxl-text2image-v1")
+    message = str(caught.value)
+    assert "\n" not in message and "hf download mhdang/dpo-sdxl-text2image-v1" in message

@@ -301,3 +301,31 @@ def test_cli_score_and_eval(tmp_path):
     assert rep["win_rates"][0]["model_a"] == "B" and rep["win_rates"][0]["win_rate"] == 1.0
     assert main(["eval", str(a), "--scorers", "brightness", "--baseline", "nobody", "--out", str(out)]) == 2
     assert main(["score", str(tmp_path), "--scorers", "brightness"]) == 2  # no metadata.jsonl: one-line error
+
+
+# ----------------------------------------------------------------------------------------------------
+# report template: escaping, the sample grid, optional sections
+def _toy_tables(tmp_path, captions=("a", "b", "c"), size=32):
+    rs = np.random.RandomState(0)
+    files = {}
+    for m in ("ref", "aligned"):
+        files[m] = []
+        for i in range(len(captions)):
+            path = tmp_path / f"{m}_{i}.png"
+            Image.fromarray(rs.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+            files[m].append(str(path))
+    scores = {"ref": {"reward": rs.normal(size=len(captions))}, "aligned": {"reward": rs.normal(size=len(captions)) + 5}}
+    return tables_from_arrays(scores, prompts=list(captions), files=files)
+
+
+def test_report_html_escapes_captions_and_names(tmp_path):
+    evil = "<script>alert(1)</script>"
+    tables = _toy_tables(tmp_path, captions=(evil, "x & y", "plain"))
+    tables[evil] = tables.pop("aligned")  # a model name too
+    paths = write_report(str(tmp_path / "out"), tables, baseline="ref", n_boot=50, title=f"t {evil}")
+    html = open(paths["report.html"], encoding="utf-8").read()
+    assert "<script" not in html and "alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "x &amp; y" in html
+    p = _Collect()
+    p.feed(html)
+    assert "script" not in p.tags

@@ -58,6 +58,9 @@ def _list() -> int:
 
 
 def main(argv=None) -> int:
+    from t2ialign.hub import use_offline_mode_if_unreachable
+
+    use_offline_mode_if_unreachable()
     args = _parser().parse_args(argv)
     if args.list:
         return _list()

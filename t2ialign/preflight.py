@@ -101,6 +101,6 @@ def _cached_hub_file(config: TrainConfig, repo_id: str) -> Optional[str]:
         raise ModelNotFoundError(
             f"model.pretrained: '{repo_id}' is not a local directory and is not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}), and {why} forbids downloading it. Fix: on a machine with internet run "
-            f"`huggingface-cli download {repo_id} --local-dir DIR` and set model.pretrained=DIR"
+            f"`hf download {repo_id} --local-dir DIR` and set model.pretrained=DIR"
         )
     return scheduler if isinstance(scheduler, str) else None

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from t2ialign.hub import use_offline_mode_if_unreachable
+
+    use_offline_mode_if_unreachable()  # before diffusers/transformers are imported: they read it at import
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

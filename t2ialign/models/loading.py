@@ -72,10 +72,9 @@ def _first_sentence(error: BaseException, limit: int = 140) -> str:
 def _hint(where: str) -> str:
     if _looks_like_path(where):
         return "check the path; it should be a diffusers pipeline directory (model_index.json, unet/, vae/, ...)"
-    return (
-        f"download it with `huggingface-cli download {where} --local-dir DIR` on a machine with internet "
-        "and pass DIR instead (set HF_HUB_OFFLINE=1 to skip network retries)"
-    )
+    from t2ialign.hub import download_hint, offline_note
+
+    return f"{offline_note()}download it with `{download_hint(where)}` on a machine with internet and pass DIR instead"
 
 
 def _not_found(what: str, where: str, subfolder: Optional[str], cause: BaseException) -> ModelNotFoundError:

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from t2ialign.errors import ModelNotFoundError
+from t2ialign.hub import download_hint
 
 
 def resolve_aligned(path: str | Path) -> tuple[str, Path]:
@@ -51,7 +52,7 @@ def _download_aligned(repo_id: str) -> Path:
     except Exception as exc:  # offline, unknown repo, gated
         raise ModelNotFoundError(
             f"aligned model {repo_id!r}: not a local directory and not downloadable from the hub ({type(exc).__name__}); "
-            f"download it first (hf download {repo_id} --local-dir DIR) and pass DIR"
+            f"download it first ({download_hint(repo_id)}) and pass DIR"
         ) from None
 
 
@@ -70,7 +71,7 @@ def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch
     except (OSError, EnvironmentError) as exc:
         raise ModelNotFoundError(
             f"could not load the pipeline '{pretrained}' ({type(exc).__name__}). Pass a local diffusers directory, "
-            f"or download it first: huggingface-cli download {pretrained} --local-dir DIR"
+            f"or download it first: {download_hint(pretrained)}"
         ) from None
     if kind == "lora":
         pipe.load_lora_weights(str(aligned_dir))

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from t2ialign.errors import ModelNotFoundError, UserFacingError
+from t2ialign.hub import download_hint, offline_note
 
 from .preprocess import to_pil
 
@@ -191,7 +192,8 @@ def resolve_file(path_or_id: str, default_filename: str | None, what: str, flag_
                 return hf_hub_download(repo, filename)
             except Exception as exc:  # offline, missing repo/file, auth
                 raise ModelNotFoundError(
-                    f"{what}: could not get {filename} from hub repo {repo} ({type(exc).__name__}); {flag_hint}"
+                    f"{what}: {offline_note()}could not get {filename} from hub repo {repo} ({type(exc).__name__}); "
+                    f"{flag_hint} (fetch it with: {download_hint(repo, filename)})"
                 ) from None
     raise ModelNotFoundError(f"{what}: {path_or_id} is not a file, a directory or a hub id; {flag_hint}")
 
@@ -202,7 +204,8 @@ def load_hf(cls, path_or_id: str, what: str, flag_hint: str, **kwargs):
         return cls.from_pretrained(path_or_id, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(f"{what}: could not load {path_or_id!r} ({first}); {flag_hint}") from None
+        fetch = f" (fetch it with: {download_hint(path_or_id)})" if not os.path.exists(path_or_id) else ""
+        raise ModelNotFoundError(f"{what}: {offline_note()}could not load {path_or_id!r} ({first}); {flag_hint}{fetch}") from None
 
 
 def features(out) -> torch.Tensor:

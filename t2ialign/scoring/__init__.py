@@ -11,11 +11,12 @@ from .base import (FunctionScorer, canonical_scorer_name, Scorer, available_scor
 from .clip_based import AestheticMLP, AestheticScorer, CLIPScoreScorer, PickScoreScorer
 from .hps import HPSScorer
 from .imagereward import ImageRewardScorer
+from .mps import MPSCrossModel, MPSScorer
 from .toy import toy_scorer
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, hps_preprocess, to_pil
 
 __all__ = [
     "Scorer", "FunctionScorer", "canonical_scorer_name", "get_scorer", "register_scorer", "available_scorers", "parse_scorer_list",
     "resolve_device", "resolve_dtype", "PickScoreScorer", "CLIPScoreScorer", "AestheticScorer", "AestheticMLP",
-    "HPSScorer", "ImageRewardScorer", "toy_scorer", "clip_preprocess", "hps_preprocess", "to_pil", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
+    "HPSScorer", "ImageRewardScorer", "MPSScorer", "MPSCrossModel", "toy_scorer", "clip_preprocess", "hps_preprocess", "to_pil", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
 ]

@@ -137,6 +137,19 @@ def tiny_imagereward_modules(size: str = "tiny", seed: int = 0):
     return vision.eval(), text.eval(), mlp.eval(), med
 
 
+def tiny_mps_modules(size: str = "tiny", seed: int = 0):
+    """(CLIPModel, MPSCrossModel) with random weights; ``size="full"``: ViT-H/14 + the official 4-layer cross model."""
+    from .mps import MPSCrossModel
+
+    model = tiny_clip_model(size, seed, vit="H")
+    torch.manual_seed(seed + 1)
+    if size == "full":
+        cross = MPSCrossModel(dim=1024, layer_num=4, dim_head=64, heads=16, ff_mult=4)
+    else:
+        cross = MPSCrossModel(dim=model.config.projection_dim, layer_num=2, dim_head=8, heads=2, ff_mult=4)
+    return model, cross.eval()
+
+
 def tiny_scorer(name: str, size: str = "tiny", device=None, dtype=torch.float32, seed: int = 0, **kwargs):
     """A random-weight scorer of the real class and architecture for ``name``."""
     from .clip_based import AestheticMLP, AestheticScorer, CLIPScoreScorer, PickScoreScorer
@@ -159,4 +172,9 @@ def tiny_scorer(name: str, size: str = "tiny", device=None, dtype=torch.float32,
     if name == "imagereward":
         vision, text, mlp, _ = tiny_imagereward_modules(size, seed)
         return ImageRewardScorer(vision, text, mlp, bert_tokenizer(), device=device, dtype=dtype, **kwargs)
+    if name == "mps":
+        from .mps import MPSScorer
+
+        model, cross = tiny_mps_modules(size, seed)
+        return MPSScorer(model, cross, clip_tokenizer(), device=device, dtype=dtype, **kwargs)
     raise ValueError(f"no tiny builder for scorer {name!r}")

@@ -13,6 +13,7 @@ from .hps import HPSScorer
 from .imagereward import ImageRewardScorer
 from .mps import MPSCrossModel, MPSScorer
 from .toy import toy_scorer
+from .vqascore import CLIPFlanT5, VQAScoreScorer
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, hps_preprocess, to_pil
 
 __all__ = [
@@ -20,3 +21,5 @@ __all__ = [
     "resolve_device", "resolve_dtype", "PickScoreScorer", "CLIPScoreScorer", "AestheticScorer", "AestheticMLP",
     "HPSScorer", "ImageRewardScorer", "MPSScorer", "MPSCrossModel", "toy_scorer", "clip_preprocess", "hps_preprocess", "to_pil", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
 ]
+
+__all__ += ["VQAScoreScorer", "CLIPFlanT5"]

@@ -157,6 +157,11 @@ def tiny_scorer(name: str, size: str = "tiny", device=None, dtype=torch.float32,
     from .imagereward import ImageRewardScorer
 
     name = name.lower()
+    if name in ("vqascore", "vqascorexl"):
+        from .vqascore import VQAScoreScorer
+
+        model = tiny_vqascore_model(size if size == "tiny" else name[len("vqascore"):] or "xxl", seed)
+        return VQAScoreScorer(model, t5_tokenizer(), device=device, dtype=dtype, name=name, **kwargs)
     if name == "pickscore":
         return PickScoreScorer(tiny_clip_model(size, seed, vit="H"), clip_tokenizer(), device=device, dtype=dtype, **kwargs)
     if name == "clip":
@@ -178,3 +183,63 @@ def tiny_scorer(name: str, size: str = "tiny", device=None, dtype=torch.float32,
         model, cross = tiny_mps_modules(size, seed)
         return MPSScorer(model, cross, clip_tokenizer(), device=device, dtype=dtype, **kwargs)
     raise ValueError(f"no tiny builder for scorer {name!r}")
+
+
+# -- VQAScore (CLIP-FlanT5) ----------------------------------------------------------------------------
+_T5_WORDS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions. USER: ASSISTANT: Does this figure show Please "
+             "answer yes or no. Yes No " + " ".join(_BERT_WORDS)).split()
+
+
+def t5_tokenizer(words=_T5_WORDS):
+    """A transformers ``T5Tokenizer`` (unigram, metaspace, ``</s>`` appended) with a small vocabulary.
+
+    Ids 0/1/2 are ``<pad>``/``</s>``/``<unk>`` as in T5; every word of the VQAScore prompt is one piece
+    (``"Yes"`` -> ``[▁Yes, </s>]``, as the FlanT5 vocabulary tokenizes it) and single characters make any
+    other text tokenizable without ``<unk>``.
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = {"▁" + w: -5.0 for w in words}
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        pieces.setdefault("▁" + c, -10.0)
+        pieces.setdefault(c, -10.0)
+    pieces.setdefault("▁", -12.0)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + list(pieces.items())
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=2048)
+
+
+def _flan_t5_config(size: str, vocab_size: int):
+    from transformers import T5Config
+
+    dims = {"xxl": dict(d_model=4096, d_ff=10240, num_heads=64, num_layers=24),  # google/flan-t5-xxl
+            "xl": dict(d_model=2048, d_ff=5120, num_heads=32, num_layers=24),  # google/flan-t5-xl
+            "tiny": dict(d_model=32, d_ff=64, num_heads=4, num_layers=2)}[size]
+    return T5Config(vocab_size=vocab_size, d_kv=64 if size != "tiny" else 8, num_decoder_layers=dims["num_layers"],
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                    pad_token_id=0, eos_token_id=1, **dims)
+
+
+def tiny_vqascore_model(size: str = "tiny", seed: int = 0, vocab_size: int | None = None):
+    """A random-weight ``CLIPFlanT5``. ``size="tiny"``: 3-layer CLIP vision at 336 px with 56-px patches (36
+    image tokens) and a 2-layer T5 whose vocabulary is padded past the tokenizer's (like FlanT5's 32128 rows
+    for 32100 tokens); ``"xxl"`` / ``"xl"``: the real architectures (ViT-L/14-336 + FlanT5)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, T5ForConditionalGeneration
+
+    from .vqascore import _VIT_L_336, CLIPFlanT5, build_projector
+
+    torch.manual_seed(seed)
+    if size == "tiny":
+        n = len(t5_tokenizer())
+        vocab_size = vocab_size or (n // 64 + 1) * 64
+        vision_cfg = dict(_VIT_L_336, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
+                          patch_size=56)
+    else:
+        vocab_size = vocab_size or 32128
+        vision_cfg = dict(_VIT_L_336)
+    vision = CLIPVisionModel(CLIPVisionConfig(**vision_cfg))
+    t5 = T5ForConditionalGeneration(_flan_t5_config(size, vocab_size))
+    projector = build_projector("mlp2x_gelu", vision.config.hidden_size, t5.config.d_model)
+    return CLIPFlanT5(vision, projector, t5).eval()

@@ -1,8 +1,10 @@
 """Evaluation: win rates and bootstrap CIs on hand-made tables, prompt sets, folders, report, CLI."""
 import base64
+import html as html_lib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -271,20 +273,53 @@ def _chromium():
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium: install with `apt-get install -y chromium` to render the report in a headless browser")
-def test_report_renders_in_headless_chromium(report_dir, tmp_path):
-    _, _, paths = report_dir
-    shot = tmp_path / "shot.png"
+# counts, once the page has loaded, the <img> elements the browser decoded (naturalWidth > 0) and writes
+# them into the DOM, which --dump-dom prints; the report itself has no script: this is appended to a copy
+_IMAGE_CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images], ok = imgs.filter(i => i.complete && i.naturalWidth > 0);
+  const out = document.createElement("pre");
+  out.id = "image-check";
+  out.textContent = JSON.stringify({total: imgs.length, decoded: ok.length,
+    plots: ok.filter(i => i.classList.contains("plot")).map(i => i.id),
+    samples: ok.filter(i => i.classList.contains("sample")).map(i => [i.naturalWidth, i.naturalHeight])});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _run_chromium(tmp_path, *args, timeout=60):
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-           "file://" + os.path.abspath(paths["report.html"])]
-    subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
+           f"--user-data-dir={tmp_path / 'profile'}", *args]
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout, check=False, text=True)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium: install with `apt-get install -y chromium` to render the report in a headless browser")
+def test_report_renders_in_headless_chromium(tmp_path):
+    paths = _full_report(tmp_path)
+    # 1. every image and plot decodes in a real browser
+    checked = tmp_path / "checked.html"
+    html = open(paths["report.html"], encoding="utf-8").read()
+    checked.write_text(html.replace("</body>", _IMAGE_CHECK + "</body>"), encoding="utf-8")
+    dom = _run_chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", "file://" + str(checked)).stdout
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom)
+    assert found, f"chromium printed no image check: {dom[-500:]!r}"
+    check = json.loads(html_lib.unescape(found.group(1)))
+    assert check["total"] == 5 + 2 * 3 and check["decoded"] == check["total"], check
+    assert set(check["plots"]) == {"plot-winrates", "plot-histograms", "plot-reward_over_training", "plot-training_metrics",
+                                   "plot-rlg_sweep"}
+    assert check["samples"] == [[128, 128]] * 6  # the 32 px samples, upscaled
+    # 2. the page itself renders: a screenshot with text, plots and the sample grid on it
+    shot = tmp_path / "shot.png"
+    _run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,3200", "file://" + os.path.abspath(paths["report.html"]))
     assert shot.is_file(), "chromium wrote no screenshot"
+    if os.environ.get("T2IALIGN_KEEP_SCREENSHOT"):  # to look at it: T2IALIGN_KEEP_SCREENSHOT=/tmp/report.png
+        shutil.copy(shot, os.environ["T2IALIGN_KEEP_SCREENSHOT"])
     arr = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
-    assert arr.shape[:2] == (1600, 1200)
+    assert arr.shape[:2] == (3200, 1200)
     non_white = (arr < 240).any(axis=-1).mean()
     assert non_white > 0.02, f"screenshot is blank ({non_white:.4f} non-white)"
-    # the embedded images were decoded by the browser: many distinct colours, not just text on white
+    # the embedded images were decoded and drawn: many distinct colours, not just text on white
     assert len(np.unique(arr.reshape(-1, 3)[::7], axis=0)) > 200
 
 
@@ -301,6 +336,17 @@ def test_cli_score_and_eval(tmp_path):
     assert rep["win_rates"][0]["model_a"] == "B" and rep["win_rates"][0]["win_rate"] == 1.0
     assert main(["eval", str(a), "--scorers", "brightness", "--baseline", "nobody", "--out", str(out)]) == 2
     assert main(["score", str(tmp_path), "--scorers", "brightness"]) == 2  # no metadata.jsonl: one-line error
+    # training runs and an RLG sweep go into the report
+    run_a, run_b, sweep = _training_run(tmp_path, "run_a"), _training_run(tmp_path, "run_b", steps=(5, 10)), _sweep_folder(tmp_path)
+    assert main(["eval", f"A={a}", f"B={b}", "--scorers", "brightness", "--out", str(out), "--n-boot", "20",
+                 "--runs", f"dpo={run_a}", "--runs", str(run_b), "--sweep", str(sweep)]) == 0
+    rep = json.loads(open(out / "report.json").read())
+    assert {k: v["last_step"] for k, v in rep["training_runs"].items()} == {"dpo": 20, "run_b": 10}
+    assert rep["rlg_sweep"]["scorers"] == ["reward"]
+    assert 'id="rlg-sweep"' in open(out / "report.html", encoding="utf-8").read()
+    # a folder without metrics.jsonl / sweep.json: a one-line error before anything is scored
+    assert main(["eval", str(a), "--scorers", "brightness", "--out", str(out), "--runs", str(a)]) == 2
+    assert main(["eval", str(a), "--scorers", "brightness", "--out", str(out), "--sweep", str(a)]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,3 +375,173 @@ def test_report_html_escapes_captions_and_names(tmp_path):
     p = _Collect()
     p.feed(html)
     assert "script" not in p.tags
+
+
+def _training_run(root, name, steps=(5, 10, 15, 20)):
+    """A training output folder as `t2ialign train` leaves it: metrics.jsonl, one record per log step."""
+    run = root / name
+    run.mkdir()
+    records = [{"step": s, "lr": 1e-3, "loss": 0.7 - 0.01 * s, "implicit_acc": 0.5 + 0.01 * s, "bad_steps": 0} for s in steps]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def _sweep_folder(root, scorer="reward", scales=(0.0, 1.0, 2.0)):
+    """An RLG sweep folder in the format of evaluation/sweep.py (only sweep.json; the report reads nothing else)."""
+    folder = root / "rlg"
+    folder.mkdir()
+    results = {}
+    for w in scales:
+        key = f"{w:g}"
+        entry = {"w": w, "dir": f"w{key}", "scores": {scorer: {"mean": 1 + w, "low": 0.5 + w, "high": 1.5 + w, "n": 3}},
+                 "win_rate_vs_w0": {}}
+        if w:
+            entry["win_rate_vs_w0"][scorer] = {"win_rate": 0.6 + 0.1 * w, "low": 0.4, "high": 0.9, "n": 3}
+        results[key] = entry
+    sweep = {"pretrained": "toy-base", "aligned": "runs/dpo/export", "scales": list(scales), "scorers": [scorer],
+             "guidance_scale": 4.0, "num_inference_steps": 20, "seed": 0, "ci": 0.95, "n_boot": 50, "results": results}
+    (folder / "sweep.json").write_text(json.dumps(sweep))
+    return folder
+
+
+CURVES = {"aligned": [{"step": 0, "mean_reward": 0.1}, {"step": 10, "mean_reward": 0.3}, {"step": 20, "mean_reward": 0.5}]}
+
+
+def _full_report(tmp_path, captions=("a red circle", "a blue square", "a green star")):
+    """A report with every optional section: categories, reward curves, a training run and an RLG sweep."""
+    tables = _toy_tables(tmp_path, captions=captions)
+    for rows in tables.values():
+        for r in rows:
+            r["category"] = ["Animals", "Vehicles"][r["prompt_index"] % 2]
+    return write_report(str(tmp_path / "out"), tables, baseline="ref", n_boot=50, title="full",
+                        scorer_info={"reward": {"name": "reward", "scale": "units of toy reward, in [0, 1]"}},
+                        curves=CURVES, curve_label="mean reward", runs={"aligned": _training_run(tmp_path, "run")},
+                        sweep=str(_sweep_folder(tmp_path)))
+
+
+class _GridRows(HTMLParser):
+    """The rows of ``table#grid``: per row, its cells as ``{"tag", "text", "imgs": [(width, height, src)]}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.inside = [], False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.inside = a.get("id") == "grid"
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.rows[-1].append({"tag": tag, "text": "", "imgs": []})
+        elif self.inside and tag == "img":
+            self.rows[-1][-1]["imgs"].append((int(a["width"]), int(a["height"]), a["src"]))
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+
+    def handle_data(self, data):
+        if self.inside and self.rows and self.rows[-1]:
+            self.rows[-1][-1]["text"] += data
+
+
+def test_report_sections_present_only_with_their_data(tmp_path):
+    (tmp_path / "full").mkdir()
+    full = _full_report(tmp_path / "full")
+    assert {"reward_over_training.png", "training_metrics.png", "rlg_sweep.png", "grid.png"} <= set(full)
+    html = open(full["report.html"], encoding="utf-8").read()
+    p = _Collect()
+    p.feed(html)
+    sections = {"means", "winrates", "histograms", "categories", "training", "reward-curves", "training-metrics",
+                "rlg-sweep", "grid", "scorers", "plot-winrates", "plot-histograms", "plot-reward_over_training",
+                "plot-training_metrics", "plot-rlg_sweep"}
+    assert sections <= p.ids
+    assert all(src.startswith("data:image/") for src in p.imgs) and "http://" not in html and "https://" not in html
+    rep = json.loads(open(full["report.json"]).read())
+    assert rep["training_runs"]["aligned"]["last"]["implicit_acc"] == pytest.approx(0.7)
+    assert rep["rlg_sweep"]["scales"] == [0.0, 1.0, 2.0] and rep["reward_over_training"] == CURVES
+    assert "0.700" in html and "3.000" in html  # the run's last implicit accuracy; the sweep's mean at w = 2
+
+    # only score arrays: no images, categories, curves or sweep -> none of their sections, files or plots
+    bare = write_report(str(tmp_path / "bare"), {"a": {"s": [1.0, 2.0]}, "b": {"s": [2.0, 3.0]}}, n_boot=20)
+    p = _Collect()
+    p.feed(open(bare["report.html"], encoding="utf-8").read())
+    assert {"means", "winrates", "histograms"} <= p.ids
+    assert not p.ids & {"categories", "training", "reward-curves", "training-metrics", "rlg-sweep", "grid", "scorers"}
+    assert not {"reward_over_training.png", "training_metrics.png", "rlg_sweep.png", "grid.png"} & set(bare)
+    # one model: no win rates
+    single = write_report(str(tmp_path / "single"), {"a": {"s": [1.0, 2.0]}}, n_boot=20)
+    p = _Collect()
+    p.feed(open(single["report.html"], encoding="utf-8").read())
+    assert "means" in p.ids and "winrates" not in p.ids
+
+
+def test_report_grid_one_row_per_prompt_with_upscaled_pixels(tmp_path):
+    captions = ("a red circle", "a blue square", "a green star")
+    paths = _full_report(tmp_path, captions)
+    p = _GridRows()
+    p.feed(open(paths["report.html"], encoding="utf-8").read())
+    header, *rows = p.rows
+    assert [c["text"].strip() for c in header] == ["prompt", "ref", "aligned"]
+    assert len(rows) == 3
+    for caption, row in zip(captions, rows):
+        # the caption is the first cell of the row holding its own images, one cell per model
+        assert row[0]["text"].startswith(caption) and not row[0]["imgs"]
+        assert [len(c["imgs"]) for c in row[1:]] == [1, 1]
+    # 32 px samples are shown at 128 px, each source pixel a 4x4 block (nearest neighbour, lossless PNG)
+    width, height, src = rows[0][1]["imgs"][0]
+    assert (width, height) == (128, 128) and src.startswith("data:image/png")
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    original = np.asarray(Image.open(tmp_path / "ref_0.png").convert("RGB"))
+    assert shown.shape == (128, 128, 3) and np.array_equal(shown[::4, ::4], original)
+    assert np.array_equal(shown, original.repeat(4, axis=0).repeat(4, axis=1))
+    # grid.png: a caption column left of the images, one band per prompt (header + 3 rows of 128 px)
+    grid = Image.open(paths["grid.png"])
+    assert grid.width >= 200 + 2 * 128 and grid.height >= 3 * 128
+
+
+def test_report_histograms_label_their_axes():
+    from t2ialign.evaluation.report_plots import histogram_figure
+
+    tables = tables_from_arrays({"a": {"pickscore": [20.0, 21.0]}, "b": {"pickscore": [21.0, 22.0]}})
+    fig = histogram_figure(tables, ["pickscore"], {"pickscore": {"scale": "logit_scale.exp() * cos (~100*cos)"}})
+    (ax,) = fig.axes
+    assert ax.get_xlabel().startswith("pickscore score") and "100*cos" in ax.get_xlabel()
+    assert ax.get_ylabel() == "count (images)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+
+
+def test_report_template_ships_as_package_data():
+    import tomllib
+    from fnmatch import fnmatch
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)
+    patterns = project["tool"]["setuptools"]["package-data"]["t2ialign"]
+    assert any(fnmatch("evaluation/templates/report.html.j2", pat) for pat in patterns)
+    assert any(d.lower().startswith("jinja2") for d in project["project"]["dependencies"])
+
+
+def test_demo_report_embeds_reward_curves_runs_and_rlg_sweep(tmp_path):
+    """The demo's report.html holds its reward over training, its runs' metrics.jsonl and its RLG sweep (no training here:
+    the demo's outputs are made by hand in its layout, runs/<objective>/metrics.jsonl and the sweep's summary)."""
+    from t2ialign.toy.demo import DemoSettings, _write_outputs
+
+    tables = _toy_tables(tmp_path)
+    per_model = {"base" if m == "ref" else "dpo": {r["prompt_index"]: {"prompt": r["prompt"], "file": r["file"],
+                                                                       "reward": r["scores"]["reward"]} for r in rows}
+                 for m, rows in tables.items()}
+    (tmp_path / "runs").mkdir()
+    _training_run(tmp_path / "runs", "dpo")
+    sweep = json.loads((_sweep_folder(tmp_path, scorer="vividness") / "sweep.json").read_text())
+    curves = {"dpo": CURVES["aligned"]}
+    summary = _write_outputs(tmp_path, DemoSettings(output_dir=str(tmp_path)), "vividness", [], curves, sweep, per_model, 1.0)
+    html = open(summary["report_files"]["report.html"], encoding="utf-8").read()
+    p = _Collect()
+    p.feed(html)
+    assert {"reward-curves", "training-metrics", "rlg-sweep", "grid", "plot-reward_over_training", "plot-training_metrics",
+            "plot-rlg_sweep"} <= p.ids
+    assert "saturated" in html  # the preference's description, in the scorer table
+    assert {"reward_over_training.png", "rlg_sweep.png", "training_metrics.png"} <= set(summary["report_files"])

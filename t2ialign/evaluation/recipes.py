@@ -4,7 +4,7 @@
 each scorer, writes ``scores.jsonl`` + ``scores_meta.json`` next to ``metadata.jsonl`` and returns the
 rows. ``evaluate({name: model_dir}, scorers, out_dir)`` scores the folders (reusing existing scores of the
 same scorers unless ``rescore``), then writes the report (means, win rates with bootstrap CIs,
-per-category breakdown, image grid).
+per-category breakdown, image grid; training curves and an RLG sweep when given).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from PIL import Image
 from t2ialign.errors import UserFacingError
 
 from .folders import SCORES, SCORES_META, image_path, read_metadata, read_scores, write_jsonl
-from .report import write_report
+from .report import read_sweep, read_training_metrics, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -97,23 +97,33 @@ def _scorer_names(scorers) -> list[str]:
     return [canonical_scorer_name(s) if isinstance(s, str) else s.name for s in items if not isinstance(s, str) or s.strip()]
 
 
-def parse_model_dirs(specs: Sequence[str]) -> dict[str, str]:
-    """``["base=runs/base/samples", "runs/dpo/samples"]`` -> ``{"base": ..., "samples": ...}``."""
+def parse_model_dirs(specs: Sequence[str], what: str = "model folders") -> dict[str, str]:
+    """``["base=runs/base/samples", "runs/dpo/samples"]`` -> ``{"base": ..., "samples": ...}``
+    (also training run folders, ``--runs``; ``what`` names them in the error)."""
     out = {}
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
         path = path or spec
         name = name or os.path.basename(os.path.normpath(path))
         if name in out:
-            raise UserFacingError(f"two model folders named {name!r}; name them explicitly as NAME=PATH")
+            raise UserFacingError(f"two {what} named {name!r}; name them explicitly as NAME=PATH")
         out[name] = path
     return out
 
 
 def evaluate(model_dirs, scorers, out_dir: str, baseline: str | None = None, device=None, dtype=None, scorer_paths=None,
              batch_size: int = 32, rescore: bool = False, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-             title: str | None = None, max_grid_prompts: int = 16, **scorer_kwargs) -> dict:
-    """Score the model folders and write the report; returns ``{name: path}`` of the written files."""
+             title: str | None = None, max_grid_prompts: int = 16, runs=None, sweep: str | None = None,
+             **scorer_kwargs) -> dict:
+    """Score the model folders and write the report; returns ``{name: path}`` of the written files.
+
+    ``runs``: training output folders (``{name: dir}`` or ``["NAME=DIR", ...]``) whose ``metrics.jsonl`` the
+    report plots (loss, implicit accuracy); ``sweep``: an RLG sweep folder (``sweep.json``) it adds."""
+    if runs is not None and not isinstance(runs, Mapping):
+        runs = parse_model_dirs(runs, what="training runs")
+    # read before any scorer loads, so a wrong path fails in a second rather than after the scoring
+    run_metrics = {name: read_training_metrics(d) for name, d in (runs or {}).items()}
+    sweep_summary = read_sweep(sweep) if sweep else None
     if not isinstance(model_dirs, Mapping):
         model_dirs = parse_model_dirs(model_dirs)
     if len(model_dirs) < 1:
@@ -142,4 +152,5 @@ def evaluate(model_dirs, scorers, out_dir: str, baseline: str | None = None, dev
             with open(meta_path) as fh:
                 info.update({k: v for k, v in json.load(fh).items() if k in wanted and k not in info})
     return write_report(out_dir, tables, scorers=names, image_roots=dict(model_dirs), baseline=baseline, n_boot=n_boot, ci=ci,
-                        seed=seed, scorer_info=info, title=title, max_grid_prompts=max_grid_prompts)
+                        seed=seed, scorer_info=info, title=title, max_grid_prompts=max_grid_prompts, runs=run_metrics,
+                        sweep=sweep_summary)

@@ -50,6 +50,7 @@ def plot_win_rates(win_rates) -> bytes | None:
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(scorers)))
     ax.set_xticklabels(scorers)
+    ax.set_xlim(-0.9, len(scorers) - 0.1)  # room beside the bars: one pair of one scorer would fill the axes
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate (95% CI)")
     ax.legend(fontsize=8, loc="lower right")
@@ -60,13 +61,20 @@ def scorer_label(scorer: str, scorer_info: dict | None = None) -> str:
     """The x-axis label of a scorer's histogram: ``"<name> score"``, and its scale on a second line when the
     scorer's description names one (e.g. PickScore's ``logit_scale.exp() * cos``)."""
     scale = ((scorer_info or {}).get(scorer) or {}).get("scale")
-    return f"{scorer} score\n({textwrap.shorten(str(scale), 60)})" if scale else f"{scorer} score"
+    if not scale:
+        return f"{scorer} score"
+    return f"{scorer} score\n" + "\n".join(textwrap.wrap(f"({textwrap.shorten(str(scale), 100)})", 50))
 
 
 def plot_histograms(tables, scorers, scorer_info: dict | None = None) -> bytes | None:
-    """Score histograms, one panel per scorer, one colour per model (legend on every panel)."""
-    if not scorers:
-        return None
+    """Score histograms as PNG bytes (``histogram_figure``)."""
+    return _png_bytes(histogram_figure(tables, scorers, scorer_info)) if scorers else None
+
+
+def histogram_figure(tables, scorers, scorer_info: dict | None = None):
+    """Score histograms, one panel per scorer (x: the score, with its scale; y: count), one colour per model."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(3.6 * len(scorers), 3.0)
     for k, s in enumerate(scorers):
         ax = fig.add_subplot(1, len(scorers), k + 1)
@@ -76,13 +84,16 @@ def plot_histograms(tables, scorers, scorer_info: dict | None = None) -> bytes |
         lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 21)
         for m, v in vals.items():
-            ax.hist(v[np.isfinite(v)], bins=bins, alpha=0.5, label=m)
+            # outlines from 3 models on: filled bars of many models blend into one brown mass
+            style = {"histtype": "step", "lw": 1.5} if len(vals) > 2 else {"alpha": 0.5}
+            ax.hist(v[np.isfinite(v)], bins=bins, label=m, **style)
         ax.set_title(s, fontsize=10)
         ax.set_xlabel(scorer_label(s, scorer_info), fontsize=8)
         ax.set_ylabel("count (images)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, title="model", title_fontsize=7)
     fig.tight_layout()
-    return _png_bytes(fig)
+    return fig
 
 
 def plot_reward_curves(curves: dict, label: str = "mean reward") -> bytes | None:

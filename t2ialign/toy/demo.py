@@ -215,33 +215,25 @@ def _score_tables(per_model: dict, preference_name: str) -> dict:
 
 
 def _write_outputs(out, settings, preference_name, rows, curves, rlg, per_model, elapsed) -> dict:
+    """The report folder: report.html (win rates, reward over training, the runs' loss / implicit accuracy,
+    the RLG sweep, samples; written by evaluation.report, which also writes each plot as a PNG) and demo.json."""
     from t2ialign.evaluation.report import write_report
 
     report_dir = out / "report"
+    preference = _toy()[1].get_preference(preference_name)
+    # the reward's docstring says what one unit is (e.g. "... in [0, 1]"): the histograms' x axis shows it
+    scorer_info = {preference_name: {"name": preference_name, "description": preference.description,
+                                     "scale": (preference.reward.__doc__ or "").strip().split("\n")[0]}}
+    runs = {o: out / "runs" / o for o in curves if (out / "runs" / o / "metrics.jsonl").is_file()}
     files = write_report(str(report_dir), _score_tables(per_model, preference_name), baseline="base",
-                         title=f"t2ialign demo: aligning the toy model to '{preference_name}'", settings=asdict(settings))
-    _plot_curves(curves, report_dir / "reward_over_training.png", preference_name)
-    if rlg and (out / "rlg" / "sweep.png").is_file():
-        shutil.copy(out / "rlg" / "sweep.png", report_dir / "rlg_sweep.png")
+                         title=f"t2ialign demo: aligning the toy model to '{preference_name}'", settings=asdict(settings),
+                         scorer_info=scorer_info, curves=curves, runs=runs, sweep=rlg,
+                         curve_label=f"mean {preference_name} reward\n({_curve_prompts_label(settings)})")
     summary = {"preference": preference_name, "results": rows, "reward_over_training": curves, "rlg_sweep": rlg,
                "settings": asdict(settings), "elapsed_s": elapsed, "report_files": {k: str(v) for k, v in files.items()}}
     (report_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def _plot_curves(curves: dict, path: Path, preference_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for objective, points in curves.items():
-        ax.plot([p["step"] for p in points], [p["mean_reward"] for p in points], marker="o", label=objective)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"mean reward ({preference_name}) on held-out prompts")
-    ax.set_title("reward over training")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _curve_prompts_label(settings) -> str:
+    return f"first {settings.curve_prompts} held-out prompts" if settings.curve_prompts else "held-out prompts"

@@ -74,7 +74,7 @@ def toy_root(tmp_path_factory):
 
 def _run(protocol: Path, out: Path, toy_root: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "eval" / "run.py"), str(protocol), "--toy", "--out", str(out), "--toy-root", str(toy_root),
-           "--toy-steps", "10", "--toy-pairs", "64", "--toy-heldout-pairs", "32", "--limit", "8", "--n-boot", "200"]
+           "--toy-steps", "4", "--toy-pairs", "32", "--toy-heldout-pairs", "16", "--limit", "6", "--n-boot", "100"]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
 
 

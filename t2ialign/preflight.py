@@ -10,6 +10,7 @@ from typing import Optional
 from t2ialign.config import ConfigError, TrainConfig
 from t2ialign.config.train import _objectives
 from t2ialign.errors import ModelNotFoundError
+from t2ialign.hub import fix_hint, local_only, offline_reason
 
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -95,12 +96,10 @@ def _cached_hub_file(config: TrainConfig, repo_id: str) -> Optional[str]:
             f"model.pretrained: '{repo_id}' is neither an existing directory nor a valid hub id ({str(exc).splitlines()[0]}). "
             "Fix: give a local diffusers pipeline directory or a hub id like stabilityai/stable-diffusion-xl-base-1.0"
         ) from None
-    offline = bool(constants.HF_HUB_OFFLINE) or config.model.local_files_only
-    if not isinstance(index, str) and offline:
-        why = "model.local_files_only=true" if config.model.local_files_only else "HF_HUB_OFFLINE=1"
+    if not isinstance(index, str) and local_only(config.model.local_files_only):
+        why = "model.local_files_only=true forbids downloading it" if config.model.local_files_only else offline_reason()
         raise ModelNotFoundError(
             f"model.pretrained: '{repo_id}' is not a local directory and is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and {why} forbids downloading it. Fix: on a machine with internet run "
-            f"`hf download {repo_id} --local-dir DIR` and set model.pretrained=DIR"
+            f"({constants.HF_HUB_CACHE}), and {why}. {fix_hint(repo_id, 'set model.pretrained=DIR')}"
         )
     return scheduler if isinstance(scheduler, str) else None

@@ -223,7 +223,7 @@ def test_model_source_errors_name_the_key_and_the_fix(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not a diffusers pipeline directory"):
         check_model_source(load_train_config(data=with_(model__pretrained=str(tmp_path / "empty"))))
     config = load_train_config(data=with_(model__pretrained="nobody/no-such-sdxl", model__local_files_only=True))
-    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache.*model.local_files_only=true.*huggingface-cli download"):
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache.*model.local_files_only=true.*hf download"):
         check_model_source(config)
 
 
@@ -267,5 +267,5 @@ def test_cli_offline_hub_id_is_one_line_in_a_real_process(tmp_path, tiny_sdxl_di
 
     line = one_line_error(train_with("nobody/no-such-sdxl-model"))  # HF_HUB_OFFLINE=1, empty cache
     assert "'nobody/no-such-sdxl-model'" in line and "HF_HUB_OFFLINE=1" in line
-    assert "huggingface-cli download nobody/no-such-sdxl-model --local-dir DIR" in line and "model.pretrained=DIR" in line
+    assert "hf download nobody/no-such-sdxl-model --local-dir DIR" in line and "model.pretrained=DIR" in line
 

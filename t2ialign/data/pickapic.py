@@ -25,6 +25,7 @@ import numpy as np
 from t2ialign.config import DataConfig
 from t2ialign.data.badrows import DUPLICATE, TIE, BadRowReport
 from t2ialign.errors import DataError
+from t2ialign.hub import fix_hint, offline_note, use_offline_mode_if_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +79,17 @@ def load_raw(cfg: DataConfig) -> AnyDataset:
         return _load_local(path, cfg.split, cfg.streaming)
     if source.startswith((".", "/", "~")) or source.endswith((".parquet", ".arrow")) or source.count("/") > 1:
         raise DataError(f"data.dataset: no such file or directory: {source}")
+    use_offline_mode_if_unreachable()  # offline: datasets reads its cache instead of retrying the hub
     try:
         return datasets.load_dataset(source, split=cfg.split, streaming=cfg.streaming)
     except ValueError as exc:  # unknown split: datasets names the available ones
         raise DataError(f"data.dataset '{source}', data.split '{cfg.split}': {exc}") from None
     except (FileNotFoundError, ConnectionError, OSError) as exc:  # not found, or offline
+        first = " ".join(str(exc).split())[:200]
         raise DataError(
-            f"data.dataset: '{source}' is neither a local path nor a reachable hub dataset ({exc}); "
-            "give a parquet/arrow file or directory, or a save_to_disk directory"
+            f"data.dataset: {offline_note()}'{source}' is neither a local path nor a reachable hub dataset ({first}). "
+            + fix_hint(source, "set data.dataset=DIR (or a parquet/arrow file, or a save_to_disk directory)",
+                       repo_type="dataset")
         ) from None
 
 

@@ -22,8 +22,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 
 from t2ialign.errors import DataError, UserFacingError
+from t2ialign.hub import fix_hint, local_only, offline_note
 
 HPDV2_REPO = "zhwang/HPDv2"
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -122,12 +124,14 @@ def load_hpsv2_benchmark(styles=HPDV2_STYLES) -> list[PromptRecord]:
     for style in styles:
         if style not in HPDV2_STYLES:
             raise UserFacingError(f"unknown HPSv2 benchmark style {style!r}; one of {', '.join(HPDV2_STYLES)}")
+        filename = f"benchmark/{style}.json"
         try:
-            path = hf_hub_download(HPDV2_REPO, f"benchmark/{style}.json", repo_type="dataset")
+            path = hf_hub_download(HPDV2_REPO, filename, repo_type="dataset", local_files_only=local_only())
         except Exception as exc:
             raise DataError(
-                f"HPSv2 benchmark prompts: could not get benchmark/{style}.json from hub dataset {HPDV2_REPO} "
-                f"({type(exc).__name__}); download it and pass the .json file path instead") from None
+                f"HPSv2 benchmark prompts: {offline_note()}could not get {filename} from hub dataset {HPDV2_REPO} "
+                f"({type(exc).__name__}). {fix_hint(HPDV2_REPO, f'pass --prompts DIR/{filename}', filename, 'dataset')}"
+            ) from None
         with open(path, encoding="utf-8") as fh:
             prompts = json.load(fh)
         out += [PromptRecord(p, style, 0, f"hpsv2:{style}") for p in prompts]
@@ -141,17 +145,13 @@ def load_pickapic_unique(split: str = "test_unique") -> list[PromptRecord]:
     if split not in PICKAPIC_SPLITS:
         raise UserFacingError(f"unknown Pick-a-Pic split {split!r}; one of {', '.join(PICKAPIC_SPLITS)}")
     try:
-        from huggingface_hub import hf_hub_download, list_repo_files
-
-        files = sorted(f for f in list_repo_files(PICKAPIC_REPO, repo_type="dataset")
-                       if f.endswith(".parquet") and os.path.basename(f).startswith(f"{split}-"))
-        if not files:
-            raise FileNotFoundError(f"no {split}-*.parquet")
-        paths = [hf_hub_download(PICKAPIC_REPO, f, repo_type="dataset") for f in files]
+        paths = _pickapic_split_files(split)
     except Exception as exc:
+        command = fix_hint(PICKAPIC_REPO, "export its 'caption' column to a .txt file and pass --prompts FILE",
+                           f"--include 'data/{split}-*'", "dataset")
         raise DataError(
-            f"Pick-a-Pic prompts: could not get split {split} of hub dataset {PICKAPIC_REPO} ({type(exc).__name__}); "
-            "export its 'caption' column to a .txt file and pass the path instead") from None
+            f"Pick-a-Pic prompts: {offline_note()}could not get split {split} of hub dataset {PICKAPIC_REPO} "
+            f"({type(exc).__name__}). {command}") from None
     import pyarrow.parquet as pq
 
     captions = []
@@ -159,6 +159,18 @@ def load_pickapic_unique(split: str = "test_unique") -> list[PromptRecord]:
         captions += pq.read_table(p, columns=["caption"]).column("caption").to_pylist()
     unique = list(dict.fromkeys(c for c in captions if c))
     return _records(unique, f"pickapic:{split}")
+
+
+def _pickapic_split_files(split: str) -> list[str]:
+    """The split's parquet files from the hub, or from the cache when offline (no file listing needed)."""
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(PICKAPIC_REPO, repo_type="dataset", local_files_only=local_only(),
+                             allow_patterns=[f"{split}-*.parquet", f"*/{split}-*.parquet"])
+    paths = sorted(str(f) for f in Path(root).rglob(f"{split}-*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no {split}-*.parquet")
+    return paths
 
 
 def load_prompt_set(name_or_path: str, limit: int | None = None) -> list[PromptRecord]:

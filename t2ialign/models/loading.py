@@ -19,6 +19,7 @@ import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from t2ialign.errors import ModelNotFoundError, UserFacingError
+from t2ialign.hub import fix_hint, local_only, offline_note
 
 try:  # in huggingface_hub 1.x+ EntryNotFoundError no longer derives from OSError
     from huggingface_hub.errors import EntryNotFoundError as _EntryNotFoundError
@@ -69,18 +70,18 @@ def _first_sentence(error: BaseException, limit: int = 140) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
 
 
-def _hint(where: str) -> str:
+def _hint(what: str, where: str) -> str:
     if _looks_like_path(where):
-        return "check the path; it should be a diffusers pipeline directory (model_index.json, unet/, vae/, ...)"
-    from t2ialign.hub import download_hint, offline_note
-
-    return f"{offline_note()}download it with `{download_hint(where)}` on a machine with internet and pass DIR instead"
+        return "Fix: check the path; it should be a diffusers pipeline directory (model_index.json, unet/, vae/, ...)"
+    key = "model.vae" if what == "VAE" else "model.pretrained"
+    return fix_hint(where, f"set {key}=DIR (or pass DIR where the hub id was)")
 
 
 def _not_found(what: str, where: str, subfolder: Optional[str], cause: BaseException) -> ModelNotFoundError:
     location = f"{where}" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    offline = "" if _looks_like_path(where) else offline_note()
     return ModelNotFoundError(
-        f"Could not load the {what} from {location}: {_first_sentence(cause)}. Fix: {_hint(where)}."
+        f"Could not load the {what} from {location}: {offline}{_first_sentence(cause)}. {_hint(what, where)}."
     )
 
 
@@ -181,7 +182,7 @@ def load_unet(
     """Load a UNet from a pipeline (``unet/`` subfolder) or from a bare UNet export directory."""
     return _load_model(
         UNet2DConditionModel, "UNet", "unet", pretrained_or_unet_dir, subfolder, hub_uses_subfolder=True,
-        dtype=dtype, device=device, revision=revision, variant=variant, local_files_only=local_files_only,
+        dtype=dtype, device=device, revision=revision, variant=variant, local_files_only=local_only(local_files_only),
     )
 
 
@@ -198,7 +199,7 @@ def load_vae(
     """A frozen AutoencoderKL: a standalone VAE (config.json at the root) or a pipeline's ``vae/``."""
     vae = _load_model(
         AutoencoderKL, "VAE", "vae", pretrained, subfolder, hub_uses_subfolder=False,
-        dtype=dtype, device=device, revision=revision, variant=variant, local_files_only=local_files_only,
+        dtype=dtype, device=device, revision=revision, variant=variant, local_files_only=local_only(local_files_only),
     )
     return _freeze(vae)
 
@@ -254,7 +255,7 @@ def load_noise_scheduler(pretrained: str, *, revision=None, local_files_only: bo
     """The training-time forward process: DDPM with the pipeline's own betas and prediction type."""
     with _translate_not_found("scheduler config", pretrained, "scheduler"):
         return DDPMScheduler.from_pretrained(
-            _resolve(pretrained), subfolder="scheduler", revision=revision, local_files_only=local_files_only
+            _resolve(pretrained), subfolder="scheduler", revision=revision, local_files_only=local_only(local_files_only)
         )
 
 
@@ -277,6 +278,7 @@ def load_components(
     ``load_tokenizers`` defaults to ``load_text_encoders`` (a v5 CLIP tokenizer takes ~1 s to build).
     """
     pretrained = str(pretrained)
+    local_files_only = local_only(local_files_only)  # offline: the cache only, no retries
     if vae is not None:
         _require_existing_dir(str(vae), "VAE")  # fail before loading anything heavy
     index = _read_model_index(pretrained, revision=revision, local_files_only=local_files_only)

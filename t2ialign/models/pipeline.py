@@ -8,7 +8,11 @@ from typing import Optional
 import torch
 
 from t2ialign.errors import ModelNotFoundError
-from t2ialign.hub import download_hint
+from t2ialign.hub import fix_hint, local_only, offline_note, require_cached
+
+# where the sample command takes each model (named in the fix of a "not found" error)
+BASE_FLAG = "pass --model DIR (pretrained: DIR in a sample config)"
+ALIGNED_FLAG = "pass --aligned DIR or --guide-with DIR"
 
 
 def resolve_aligned(path: str | Path) -> tuple[str, Path]:
@@ -47,20 +51,23 @@ def _looks_like_hub_id(name: str) -> bool:
 def _download_aligned(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    require_cached(repo_id, "aligned model", ALIGNED_FLAG)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=ALIGNED_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=ALIGNED_FILES, local_files_only=local_only()))
     except Exception as exc:  # offline, unknown repo, gated
         raise ModelNotFoundError(
-            f"aligned model {repo_id!r}: not a local directory and not downloadable from the hub ({type(exc).__name__}); "
-            f"download it first ({download_hint(repo_id)}) and pass DIR"
+            f"aligned model {repo_id!r}: {offline_note()}not a local directory and not downloadable from the hub "
+            f"({type(exc).__name__}). {fix_hint(repo_id, ALIGNED_FLAG)}"
         ) from None
 
 
 def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch.float32, device="cpu", scheduler: Optional[str] = None):
     """A diffusers text-to-image pipeline for ``pretrained``; ``aligned`` swaps in a UNet or loads a LoRA."""
+    # offline and not cached: fail before the diffusers import (seconds) and before any weights load
+    require_cached(pretrained, "base pipeline", BASE_FLAG, filename="model_index.json")
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    kwargs = {"dtype": dtype}  # diffusers >= 0.40 name (torch_dtype is deprecated)
+    kwargs = {"dtype": dtype, "local_files_only": local_only()}  # dtype: diffusers >= 0.40 name (not torch_dtype)
     kind = None
     if aligned is not None:
         kind, aligned_dir = resolve_aligned(aligned)
@@ -69,9 +76,9 @@ def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch
     try:
         pipe = DiffusionPipeline.from_pretrained(pretrained, **kwargs)
     except (OSError, EnvironmentError) as exc:
+        fix = "Fix: pass a diffusers pipeline directory" if Path(pretrained).exists() else fix_hint(pretrained, BASE_FLAG)
         raise ModelNotFoundError(
-            f"could not load the pipeline '{pretrained}' ({type(exc).__name__}). Pass a local diffusers directory, "
-            f"or download it first: {download_hint(pretrained)}"
+            f"could not load the pipeline '{pretrained}': {offline_note()}{type(exc).__name__}. {fix}"
         ) from None
     if kind == "lora":
         pipe.load_lora_weights(str(aligned_dir))

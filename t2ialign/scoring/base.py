@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from t2ialign.errors import ModelNotFoundError, UserFacingError
-from t2ialign.hub import download_hint, offline_note
+from t2ialign.hub import fix_hint, local_only, offline_note, require_cached
 
 from .preprocess import to_pil
 
@@ -189,23 +189,26 @@ def resolve_file(path_or_id: str, default_filename: str | None, what: str, flag_
             try:
                 from huggingface_hub import hf_hub_download
 
-                return hf_hub_download(repo, filename)
+                return hf_hub_download(repo, filename, local_files_only=local_only())  # offline: the cache only
             except Exception as exc:  # offline, missing repo/file, auth
                 raise ModelNotFoundError(
-                    f"{what}: {offline_note()}could not get {filename} from hub repo {repo} ({type(exc).__name__}); "
-                    f"{flag_hint} (fetch it with: {download_hint(repo, filename)})"
+                    f"{what}: {offline_note()}could not get {filename} from hub repo {repo} ({type(exc).__name__}). "
+                    f"{fix_hint(repo, flag_hint, filename)}"
                 ) from None
     raise ModelNotFoundError(f"{what}: {path_or_id} is not a file, a directory or a hub id; {flag_hint}")
 
 
 def load_hf(cls, path_or_id: str, what: str, flag_hint: str, **kwargs):
-    """``cls.from_pretrained`` with a short ModelNotFoundError when the weights are not reachable."""
+    """``cls.from_pretrained`` with a short ModelNotFoundError when the weights are not reachable
+    (offline: from the cache only, and at once when the repo is not cached)."""
+    require_cached(path_or_id, what, flag_hint)
+    kwargs.setdefault("local_files_only", local_only())
     try:
         return cls.from_pretrained(path_or_id, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        fetch = f" (fetch it with: {download_hint(path_or_id)})" if not os.path.exists(path_or_id) else ""
-        raise ModelNotFoundError(f"{what}: {offline_note()}could not load {path_or_id!r} ({first}); {flag_hint}{fetch}") from None
+        fix = f"Fix: {flag_hint}" if os.path.exists(path_or_id) else fix_hint(path_or_id, flag_hint)
+        raise ModelNotFoundError(f"{what}: {offline_note()}could not load {path_or_id!r} ({first}). {fix}") from None
 
 
 def features(out) -> torch.Tensor:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from t2ialign.hub import local_only, require_cached
+
 from .base import Scorer, features, load_hf, register_scorer, resolve_file
 from .preprocess import clip_preprocess, clip_preprocess_device
 
@@ -78,10 +80,11 @@ class PickScoreScorer(_CLIPModelScorer):
 
     @classmethod
     def from_pretrained(cls, path_or_id=None, processor_id=None, device=None, dtype=torch.float32, **kwargs):
-        from transformers import AutoTokenizer, CLIPModel
-
         path_or_id = path_or_id or PICKSCORE_ID
         hint = "pass a local directory of the CLIPModel with --scorer-path pickscore=DIR (from_pretrained format)"
+        require_cached(path_or_id, "PickScore weights", hint)  # offline: fail before the transformers import
+        from transformers import AutoTokenizer, CLIPModel
+
         model = load_hf(CLIPModel, path_or_id, "PickScore weights", hint)
         tok = _load_tokenizer(AutoTokenizer, [path_or_id, processor_id or PICKSCORE_PROCESSOR_ID], "PickScore tokenizer", hint)
         scorer = cls(model, tok, device=device, dtype=dtype, **kwargs)
@@ -104,10 +107,11 @@ class CLIPScoreScorer(_CLIPModelScorer):
 
     @classmethod
     def from_pretrained(cls, path_or_id=None, device=None, dtype=torch.float32, **kwargs):
-        from transformers import AutoTokenizer, CLIPModel
-
         path_or_id = path_or_id or CLIP_ID
         hint = "pass a local CLIPModel directory with --scorer-path clip=DIR"
+        require_cached(path_or_id, "CLIP weights", hint)  # offline: fail before the transformers import
+        from transformers import AutoTokenizer, CLIPModel
+
         model = load_hf(CLIPModel, path_or_id, "CLIP weights", hint)
         tok = _load_tokenizer(AutoTokenizer, [path_or_id], "CLIP tokenizer", hint)
         scorer = cls(model, tok, device=device, dtype=dtype, **kwargs)
@@ -158,13 +162,14 @@ class AestheticScorer(_CLIPModelScorer):
 
     @classmethod
     def from_pretrained(cls, path_or_id=None, clip_id=None, device=None, dtype=torch.float32, **kwargs):
-        from transformers import CLIPModel
-
         hint = ("pass the MLP file with --scorer-path aesthetic=/path/sac+logos+ava1-l14-linearMSE.pth "
                 "(from github.com/christophschuhmann/improved-aesthetic-predictor)")
         mlp_path = resolve_file(path_or_id or AESTHETIC_MLP_ID, "sac+logos+ava1-l14-linearMSE.pth", "aesthetic MLP", hint)
         mlp = AestheticMLP.from_file(mlp_path)
         clip_id = clip_id or AESTHETIC_CLIP_ID
+        require_cached(clip_id, "aesthetic CLIP ViT-L/14", "pass clip_id=<local CLIPModel dir>")
+        from transformers import CLIPModel
+
         model = load_hf(CLIPModel, clip_id, "aesthetic CLIP ViT-L/14", "pass clip_id=<local CLIPModel dir>")
         scorer = cls(model, mlp, device=device, dtype=dtype, **kwargs)
         scorer.info.update(weights=mlp_path, clip=clip_id)
@@ -175,7 +180,7 @@ def _load_tokenizer(cls, candidates, what, hint):
     last = None
     for c in candidates:
         try:
-            return cls.from_pretrained(c)
+            return cls.from_pretrained(c, local_files_only=local_only())
         except (OSError, ValueError, TypeError) as exc:
             last = exc
     from t2ialign.errors import ModelNotFoundError

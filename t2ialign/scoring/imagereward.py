@@ -120,7 +120,10 @@ def blip_tokenizer(path_or_id: str = "bert-base-uncased"):
     """BLIP's ``init_tokenizer``: BERT uncased + ``[DEC]`` bos token + ``[ENC]`` additional token."""
     from transformers import BertTokenizer
 
-    tok = BertTokenizer.from_pretrained(path_or_id) if not isinstance(path_or_id, BertTokenizer) else path_or_id
+    from t2ialign.hub import local_only
+
+    tok = path_or_id if isinstance(path_or_id, BertTokenizer) else \
+        BertTokenizer.from_pretrained(path_or_id, local_files_only=local_only())
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok

@@ -302,7 +302,7 @@ def _module_tensors(obj, prefix=""):
 
 
 def load_pickled_module_tensors(path: str) -> dict:
-    """The state dict of a ``torch.save(module)`` file without importing or running its classes:
+    """The state dict of a pickled whole-module file without importing or running its classes:
     ``torch.load(weights_only=True)`` with each non-allowlisted global mapped to a ``_Placeholder``."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     stand_ins = [(type(n.rsplit(".", 1)[-1], (_Placeholder,), {"qualified_name": n}), n) for n in names]

@@ -5,8 +5,9 @@ import argparse
 
 HELP = """Run the whole method offline on a CPU, in minutes, with nothing downloaded:
 
-  1. pretrain a tiny SDXL-structured pipeline on a procedurally generated world of captioned shapes
-     (cached under ~/.cache/t2ialign, or $T2IALIGN_CACHE, so later runs skip it);
+  1. take the tiny SDXL-structured pipeline pretrained on a procedurally generated world of captioned
+     shapes (shipped with the package, byte-checked against `t2ialign toy pretrain --verify-shipped`, and
+     written as a pipeline directory under ~/.cache/t2ialign, or $T2IALIGN_CACHE);
   2. sample preference pairs from it and label them with a programmatic "human" preference;
   3. align it with each objective (Diffusion-DPO, MaPO, DCPO, DDIM-InPO, SFT) using the same trainer
      as a real SDXL run;
@@ -30,13 +31,20 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-prompts", type=int, help="held-out prompts to score")
     parser.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of LoRA adapters (the default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes for the pairs, the objectives and the RLG sweep, one thread each "
+                        "(default 2; 1 = run everything in this process); results do not depend on it")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from t2ialign.errors import UserFacingError
     from t2ialign.toy.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(output_dir=args.out, seed=args.seed, lora=not args.full, preference=args.preference)
+    if args.workers < 1:
+        raise UserFacingError(f"--workers must be at least 1, got {args.workers}")
+    settings = DemoSettings(output_dir=args.out, seed=args.seed, lora=not args.full, preference=args.preference,
+                            workers=args.workers)
     if args.objectives:
         settings.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     for flag, key in (("steps", "train_steps"), ("pairs", "num_pairs"), ("eval_prompts", "num_eval_prompts")):

@@ -11,7 +11,8 @@ HELP = """Score the images of one or more model folders written by 't2ialign sam
 A model folder holds metadata.jsonl (one row per image: prompt, prompt_index, seed, file, category?)
 and the image files. Scores go to <folder>/scores.jsonl (rows + "scores": {scorer: value}) and
 <folder>/scores_meta.json; scores of other scorers already there are kept.
-Scorers: pickscore, hpsv2 (v2.0), hpsv21 (v2.1), clip, aesthetic, imagereward, mps, vqascore, vqascorexl.
+Scorers: pickscore, hpsv2 (v2.0), hpsv21 (v2.1), clip, aesthetic, imagereward, mps, vqascore, vqascorexl,
+hpsv3 (Qwen2-VL-7B reward model; --scorer-path hpsv3=DIR with HPSv3.safetensors + Qwen2-VL-7B-Instruct json/txt files).
 Weights are loaded by hub id (official repos) or from local paths given with --scorer-path NAME=PATH.
 Offline, on the toy world's images: toy.vividness, toy.fidelity, toy.brightness, toy.centring, toy.size."""
 

@@ -43,7 +43,9 @@ def _register_pretrain(toy_commands) -> None:
         description="Train the toy VAE, then the UNet, and save a standard diffusers SDXL pipeline directory "
         "(StableDiffusionXLPipeline.from_pretrained loads it). Without --out the result is cached under "
         "$T2IALIGN_CACHE/toy/<hash> (default ~/.cache/t2ialign) and reused until the world, architecture or "
-        "settings change. Prints the directory.",
+        "settings change. The default settings are not retrained but written out in seconds from the base shipped "
+        "with the package (t2ialign/toy/base; --force retrains, --verify-shipped checks it against a fresh "
+        "pretrain). Prints the directory.",
     )
     parser.add_argument("--out", type=Path, default=None,
                         help="write the pipeline here instead of the cache (always trains)")
@@ -52,6 +54,12 @@ def _register_pretrain(toy_commands) -> None:
                         f"{defaults.vae_steps} steps scaled by the same ratio")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for the data and the weights")
     parser.add_argument("--force", action="store_true", help="retrain even if a cached pipeline exists")
+    parser.add_argument("--export-shipped", type=Path, metavar="DIR", default=None,
+                        help="pretrain from scratch (one thread) and write the package's shipped base into DIR: "
+                        "fp16 UNet/VAE weights and manifest.json (what t2ialign/toy/base holds)")
+    parser.add_argument("--verify-shipped", action="store_true",
+                        help="pretrain from scratch (one thread, ~14 CPU minutes) and check that its fp16 export "
+                        "has the same sha256 as the shipped base; exit 1 if not")
     parser.set_defaults(func=run_pretrain)
 
 
@@ -102,11 +110,29 @@ def run_pretrain(args) -> int:
     if args.steps < 1:
         raise UserFacingError(f"--steps must be at least 1, got {args.steps}")
     config = replace(PretrainConfig(), seed=args.seed).with_steps(args.steps)
+    if args.verify_shipped or args.export_shipped is not None:
+        return _shipped_base(args, config)
     if args.out is not None:
         directory = pretrain_toy_pipeline(args.out, config)
     else:
         directory = get_toy_pipeline(config=config, force=args.force)
     print(directory)
+    return 0
+
+
+def _shipped_base(args, config) -> int:
+    import tempfile
+
+    from t2ialign.toy import shipped
+
+    if args.verify_shipped:
+        results = shipped.verify_shipped(config)
+        for name, (expected, fresh) in results.items():
+            print(f"{name}: {'identical' if expected == fresh else 'DIFFERENT'}  shipped {expected}  fresh {fresh}")
+        return 0 if all(expected == fresh for expected, fresh in results.values()) else 1
+    with tempfile.TemporaryDirectory(prefix="t2ialign-export-") as workdir:
+        manifest = shipped.export_shipped(shipped.pretrain_fresh(Path(workdir), config), args.export_shipped)
+    print(json.dumps(manifest, indent=2))
     return 0
 
 

@@ -98,6 +98,18 @@ def plot_sweep(sweep: dict, path) -> Path:
     return Path(path)
 
 
+def scale_config(base_config, w: float, output_dir):
+    """The sample config of scale ``w``'s folder (``output_dir/w<w>``) in a sweep of ``base_config``.
+
+    Callers may sample a scale's folder beforehand (e.g. in parallel, or by copying the base model's folder
+    for w = 0, which it equals exactly); the sweep then finds its images done and only scores them.
+    """
+    aligned = base_config.guide_with or base_config.aligned
+    folder = Path(output_dir) / f"w{scale_key(w)}"
+    return dataclasses.replace(base_config, aligned=None, guide_with=str(aligned), rlg_scale=float(w), rlg_schedule=None,
+                               output_dir=str(folder))
+
+
 def rlg_sweep(base_config, scales: Sequence[float], scorers: Mapping[str, object], output_dir, records=None,
               n_boot: int = 1000, ci: float = 0.95, seed: int = 0, plot: bool = True) -> dict:
     """Sample ``base_config`` with RL guidance at each scale in ``scales`` and score every folder.
@@ -123,9 +135,8 @@ def rlg_sweep(base_config, scales: Sequence[float], scorers: Mapping[str, object
     rows_by_key, dirs = {}, {}
     for w in scales:
         key = scale_key(w)
-        folder = output_dir / f"w{key}"
-        config = dataclasses.replace(base_config, aligned=None, guide_with=str(aligned), rlg_scale=w, rlg_schedule=None,
-                                     output_dir=str(folder))
+        config = scale_config(base_config, w, output_dir)
+        folder = Path(config.output_dir)
         logger.info("RLG sweep: w = %s -> %s", key, folder)
         sample(config, records=records)
         rows_by_key[key] = _scored_rows(str(folder), scorers)

@@ -4,6 +4,7 @@
 - ``preferences``: programmatic "human" labellers (``get_preference(name)``), Bradley-Terry label noise, ties.
 - ``pretrain``: a tiny SDXL-structured pipeline trained on the world in minutes and cached
   (``get_toy_pipeline()`` returns its directory).
+- ``shipped``: that base for the default settings, shipped as fp16 weights and written out in seconds.
 - ``pairs``: two base samples per prompt, labelled, written in the Pick-a-Pic v2 schema
   (``build_preference_pairs(out_dir, ...)``).
 

@@ -44,27 +44,38 @@ OBJECTIVE_RECIPES = {
     "sft": {"objective": {"name": "sft"}, "optim": {"learning_rate": 3e-3}},
 }
 
+# the pairs' pre-encoded latents and text (``t2ialign cache``), shared by the objectives without random flips;
+# fp32 storage: training from it equals training from the images bit for bit
+LATENT_CACHE_DIR = "latents"
+LATENT_CACHE_DTYPE = "fp32"
+
 
 @dataclass
 class DemoSettings:
     output_dir: str = "t2ialign-demo"
     preference: Optional[str] = None  # None: the toy world's default preference
     objectives: list = field(default_factory=lambda: list(OBJECTIVE_RECIPES))
-    num_pairs: int = 1024
+    num_pairs: int = 512
+    pair_sample_steps: Optional[int] = None  # sampler steps of the pairs' images (None: the pairs builder's default)
     train_steps: int = 150
-    curve_points: int = 3  # reward-over-training evaluations (training is chunked and resumed)
+    curve_points: int = 2  # reward-over-training evaluations (training is chunked and resumed)
+    # the curve's intermediate points sample only the first curve_prompts held-out prompts (per-image seeds:
+    # the same images as in the full set), and every point of the curve, base included, averages over them
+    curve_prompts: Optional[int] = 32
     train_batch_size: int = 16
     num_eval_prompts: int = 128
     sample_steps: int = 20
     guidance_scale: float = 4.0
     rlg_objective: str = "dpo"
     rlg_scales: list = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0])
+    rlg_prompts: Optional[int] = 64  # the sweep samples the first rlg_prompts held-out prompts (None: all)
     label_noise: float = 0.0
     # LoRA by default: on the toy model a full fine-tune drifts (its denoising error grows) faster than it
     # learns the preference; the adapter keeps it near the base, as the KL term intends
     lora: bool = True
     seed: int = 0
     pretrain_steps: Optional[int] = None  # None: the toy world's default pretraining budget
+    workers: int = 2  # processes for the pairs, the objectives and the RLG scales (1 = this process only)
 
 
 def _toy():
@@ -100,10 +111,12 @@ def _sample_config(settings: DemoSettings, base_dir: Path, out: Path, aligned: O
     )
 
 
-def train_config(settings: DemoSettings, base_dir: Path, pairs_path: Path, objective: str, run_dir: Path, max_steps: int) -> dict:
+def train_config(settings: DemoSettings, base_dir: Path, pairs_path: Path, objective: str, run_dir: Path, max_steps: int,
+                 cache_dir: Optional[Path] = None) -> dict:
+    """``objective``'s TrainConfig fragment; ``cache_dir``: train from the pairs' pre-encoded latents there."""
     from t2ialign.objectives import get_objective
 
-    recipe = OBJECTIVE_RECIPES.get(objective, {"objective": {"name": objective}})
+    recipe = _recipe(objective)
     model = {"pretrained": str(base_dir)}
     if get_objective(recipe["objective"]["name"]).needs_reference and not settings.lora:
         model["reference_dtype"] = "fp32"  # CPU: half-precision kernels are slow there
@@ -118,25 +131,62 @@ def train_config(settings: DemoSettings, base_dir: Path, pairs_path: Path, objec
         "train_batch_size": settings.train_batch_size, "checkpoint_every": max_steps, "keep_last_checkpoints": 1,
         "log_every": 5, "report_to": "none", "progress_bar": True, "resume": "latest",
     }
+    if cache_dir is not None:
+        config["data"].update(cache_dir=str(cache_dir), cache_dtype=LATENT_CACHE_DTYPE)
     return config
 
 
-def align_with_curve(settings, base_dir, pairs_path, objective, records, reward_fn, out: Path) -> tuple[Path, list]:
-    """Train in ``curve_points`` chunks (each resuming the last), scoring the export after each."""
+def _recipe(objective: str) -> dict:
+    return OBJECTIVE_RECIPES.get(objective, {"objective": {"name": objective}})
+
+
+def uses_latent_cache(objective: str) -> bool:
+    """Whether ``objective`` trains from the shared latent cache: every recipe without random flips (a cache of
+    one augmentation draw is then exactly the image path; DPO's flips would need one draw per epoch)."""
+    data = _recipe(objective).get("data", {})
+    return not data.get("random_flip", False) and not data.get("random_crop", False)
+
+
+def latent_cache_config(settings: DemoSettings, base_dir: Path, pairs_path: Path, cache_dir: Path) -> dict:
+    """The TrainConfig ``t2ialign cache`` encodes the pairs with, for every objective ``uses_latent_cache``.
+
+    Built once for all of them: the VAE and text encoders run once per pair instead of once per step and
+    objective (40% of a step on the toy model), and fp32 storage makes the runs the image path's bit for bit.
+    The consumers' first objective names the build, so DCPO's per-image captions are stored when it is one."""
+    from t2ialign.objectives import get_objective
+
+    consumers = [o for o in settings.objectives if uses_latent_cache(o)]
+    captioned = [o for o in consumers if get_objective(_recipe(o)["objective"]["name"]).per_image_captions]
+    return train_config(settings, base_dir, pairs_path, (captioned or consumers)[0], cache_dir, 1, cache_dir=cache_dir)
+
+
+def curve_mean(rewards: dict, settings: DemoSettings) -> float:
+    """A reward-over-training point: the mean reward over the curve's prompts (the first ``curve_prompts``)."""
+    keys = sorted(rewards)[: settings.curve_prompts]
+    return float(np.mean([rewards[k]["reward"] for k in keys]))
+
+
+def align_with_curve(settings, base_dir, pairs_path, objective, records, reward_fn, out: Path,
+                     cache_dir: Optional[Path] = None) -> tuple[Path, list]:
+    """Train in ``curve_points`` chunks (each resuming the last), scoring the export after each.
+
+    The last chunk's export samples all ``records`` (the folder the win rate is measured on); the earlier
+    ones only the curve's prompts. ``cache_dir``: the pairs' latent cache (``latent_cache_config``)."""
     run_dir = out / "runs" / objective
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # the whole run in one go (`t2ialign train demo_train.yaml`): the learning rate is constant after warm-up
+    # and resuming is exact, so it trains the same weights as the chunks below
+    whole = train_config(settings, base_dir, pairs_path, objective, run_dir, settings.train_steps, cache_dir)
+    (run_dir / "demo_train.yaml").write_text(yaml.safe_dump({**whole, "resume": None}, sort_keys=False))
     curve = []
     chunk = max(1, settings.train_steps // settings.curve_points)
     for point in range(1, settings.curve_points + 1):
-        steps = settings.train_steps if point == settings.curve_points else chunk * point
-        raw = train_config(settings, base_dir, pairs_path, objective, run_dir, steps)
-        config = load_train_config(data=raw)
-        if point == 1:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "demo_train.yaml").write_text(yaml.safe_dump({**raw, "resume": None}, sort_keys=False))
-        result = train(config)
-        folder = sample(_sample_config(settings, base_dir, out / "samples" / f"{objective}-step{steps}", result.export_dir), records)
-        rewards = folder_rewards(folder, reward_fn)
-        curve.append({"step": steps, "mean_reward": float(np.mean([r["reward"] for r in rewards.values()]))})
+        last = point == settings.curve_points
+        steps = settings.train_steps if last else chunk * point
+        result = train(load_train_config(data=train_config(settings, base_dir, pairs_path, objective, run_dir, steps, cache_dir)))
+        prompts = records if last else records[: settings.curve_prompts]
+        folder = sample(_sample_config(settings, base_dir, out / "samples" / f"{objective}-step{steps}", result.export_dir), prompts)
+        curve.append({"step": steps, "mean_reward": curve_mean(folder_rewards(folder, reward_fn), settings)})
     return result.export_dir, curve
 
 
@@ -148,10 +198,13 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_demo(settings: DemoSettings) -> dict:
-    pairs_mod, preferences, pretrain, _ = _toy()
+    from t2ialign.toy.demo_tasks import TaskPool
+
+    _, preferences, pretrain, _ = _toy()
     started = time.time()
     # the toy models' kernels are too small to split across threads: one thread is several times
-    # faster, and on a busy machine OpenMP spin-waiting would make more threads up to 50x slower
+    # faster, and on a busy machine OpenMP spin-waiting would make more threads up to 50x slower;
+    # the cores are used by worker processes instead (toy.demo_tasks)
     torch.set_num_threads(1)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,27 +212,24 @@ def run_demo(settings: DemoSettings) -> dict:
     reward_fn = preferences.get_preference(preference_name)
 
     base_dir = pretrain.get_toy_pipeline(cache=True, **({"steps": settings.pretrain_steps} if settings.pretrain_steps else {}))
-    pairs_path = pairs_mod.build_preference_pairs(
-        base_dir, preference=preference_name, num_pairs=settings.num_pairs, out_dir=out / "pairs",
-        label_noise=settings.label_noise, seed=settings.seed,
-    )
     records = held_out_prompts(settings.num_eval_prompts, settings.seed)
-    base_folder = sample(_sample_config(settings, base_dir, out / "samples" / "base"), records)
-    base_rewards = folder_rewards(base_folder, reward_fn)
-
-    rows, curves, per_model, exports = [], {}, {"base": base_rewards}, {}
-    for objective in settings.objectives:
-        export_dir, curve = align_with_curve(settings, base_dir, pairs_path, objective, records, reward_fn, out)
-        exports[objective] = export_dir
-        folder = out / "samples" / f"{objective}-step{settings.train_steps}"
-        rewards = folder_rewards(folder, reward_fn)
-        keys = sorted(set(rewards) & set(base_rewards))
-        aligned, base = [rewards[k]["reward"] for k in keys], [base_rewards[k]["reward"] for k in keys]
-        win = bootstrap_win_rate(aligned, base, model_a=objective, model_b="base", scorer=preference_name, seed=settings.seed)
-        rows.append({"objective": objective, "win_rate": win.win_rate, "ci_low": win.low, "ci_high": win.high,
-                     "mean_reward": float(np.mean(aligned)), "base_mean_reward": float(np.mean(base))})
-        curves[objective] = [{"step": 0, "mean_reward": float(np.mean(base))}] + curve
-        per_model[objective] = rewards
+    with TaskPool(settings.workers) as pool:
+        pairs_path = _build_pairs(pool, settings, base_dir, preference_name, out)
+        aligned = _start_objectives(pool, settings, base_dir, pairs_path, records, preference_name, out)
+        base_folder = Path(_start_base_sample(pool, settings, base_dir, records, out).result())
+        rlg_tasks = _start_rlg(pool, settings, base_dir, aligned, base_folder, records, out)
+        _import_reporting()
+        base_rewards = folder_rewards(base_folder, reward_fn)
+        rows, curves, per_model, exports = [], {}, {"base": base_rewards}, {}
+        for objective in settings.objectives:
+            export_dir, curve = aligned[objective].result()
+            exports[objective] = Path(export_dir)
+            rewards = folder_rewards(out / "samples" / f"{objective}-step{settings.train_steps}", reward_fn)
+            rows.append(_win_row(objective, rewards, base_rewards, preference_name, settings.seed))
+            curves[objective] = [{"step": 0, "mean_reward": curve_mean(base_rewards, settings)}] + curve
+            per_model[objective] = rewards
+        for task in rlg_tasks:
+            task.result()
 
     rlg = _rlg_sweep(settings, base_dir, exports, records, reward_fn, preference_name, out)
     report = _write_outputs(out, settings, preference_name, rows, curves, rlg, per_model, time.time() - started)
@@ -188,17 +238,111 @@ def run_demo(settings: DemoSettings) -> dict:
     return report
 
 
-def _rlg_sweep(settings, base_dir, exports, records, reward_fn, preference_name, out):
-    if settings.rlg_objective not in exports or not settings.rlg_scales:
-        return None
+def _build_pairs(pool, settings: DemoSettings, base_dir: Path, preference_name: str, out: Path) -> Path:
+    """The labelled pairs: their images sampled batch by batch in the workers, labelled and written here."""
+    from t2ialign.toy.demo_tasks import pair_images
+
+    pairs_mod, _, _, world = _toy()
+    prompts = world.sample_captions(settings.num_pairs, seed=settings.seed)
+    steps = settings.pair_sample_steps or pairs_mod.DEFAULT_STEPS
+    images = pair_images(pool, base_dir, prompts, settings.seed, steps, pairs_mod.DEFAULT_GUIDANCE)
+    return pairs_mod.build_preference_pairs(
+        base_dir, preference=preference_name, num_pairs=settings.num_pairs, prompts=prompts, out_dir=out / "pairs",
+        label_noise=settings.label_noise, seed=settings.seed, num_inference_steps=steps, images=images,
+    )
+
+
+def _by_cost(settings: DemoSettings) -> list[str]:
+    """Objectives in the order they are handed to the workers: the longest first, so no worker is left with
+    a long job at the end (inversion objectives cost ~3x: DDIM inversion runs the UNet 10 more times per
+    step), then the RL-guidance one, so the sweep's scales can start while the others train."""
+    from t2ialign.objectives import get_objective
+
+    def rank(objective: str) -> tuple:
+        name = _recipe(objective)["objective"]["name"]
+        return (not get_objective(name).uses_inversion, objective != settings.rlg_objective)
+
+    return sorted(settings.objectives, key=rank)
+
+
+def _start_objectives(pool, settings, base_dir, pairs_path, records, preference_name, out) -> dict:
+    """Each objective's task; those that read the latent cache start once it is built, the others with the build."""
+    from t2ialign.toy.demo_tasks import align_objective, build_latent_cache
+
+    def start(objective, cache_dir=None):
+        return pool.submit(align_objective, settings, base_dir, pairs_path, objective, records, preference_name, out, cache_dir)
+
+    cached = [o for o in _by_cost(settings) if uses_latent_cache(o)]
+    cache_dir = pairs_path.parent / LATENT_CACHE_DIR
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a cache of earlier pairs in this folder would be resumed, not rebuilt
+    build = pool.submit(build_latent_cache, latent_cache_config(settings, base_dir, pairs_path, cache_dir)) if cached else None
+    tasks = {objective: start(objective) for objective in _by_cost(settings) if objective not in cached}
+    if build is not None:
+        build.result()
+        tasks.update({objective: start(objective, cache_dir) for objective in cached})
+    return tasks
+
+
+def _start_base_sample(pool, settings, base_dir, records, out):
+    from t2ialign.toy.demo_tasks import sample_folder
+
+    return pool.submit(sample_folder, _sample_config(settings, base_dir, out / "samples" / "base"), records)
+
+
+def _win_row(objective: str, rewards: dict, base_rewards: dict, preference_name: str, seed: int) -> dict:
+    keys = sorted(set(rewards) & set(base_rewards))
+    aligned, base = [rewards[k]["reward"] for k in keys], [base_rewards[k]["reward"] for k in keys]
+    win = bootstrap_win_rate(aligned, base, model_a=objective, model_b="base", scorer=preference_name, seed=seed)
+    return {"objective": objective, "win_rate": win.win_rate, "ci_low": win.low, "ci_high": win.high,
+            "mean_reward": float(np.mean(aligned)), "base_mean_reward": float(np.mean(base))}
+
+
+def _rlg_base_config(settings, base_dir, export_dir, out):
+    return _sample_config(settings, base_dir, out / "rlg", None, guide_with=str(export_dir))
+
+
+def _start_rlg(pool, settings, base_dir, aligned: dict, base_folder: Path, records, out) -> list:
+    """Fill the RLG sweep's folders once the guiding objective is trained: w = 0 and w = 1 reuse the base and
+    aligned samples (exactly equal), the other scales are sampled in the workers."""
+    if settings.rlg_objective not in aligned or not settings.rlg_scales or not _guidance_available():
+        return []
+    from t2ialign.toy.demo_tasks import presample_rlg
+
+    export_dir, _ = aligned[settings.rlg_objective].result()
+    exact = {0.0: base_folder, 1.0: out / "samples" / f"{settings.rlg_objective}-step{settings.train_steps}"}
+    return presample_rlg(pool, _rlg_base_config(settings, base_dir, export_dir, out), settings.rlg_scales,
+                         records[: settings.rlg_prompts], exact)
+
+
+def _import_reporting() -> None:
+    """Import what scoring the sweep and writing the report need while the workers still run (this process
+    waits for them anyway), instead of after them."""
+    import matplotlib.pyplot  # noqa: F401
+
+    import t2ialign.evaluation.report  # noqa: F401
+    import t2ialign.scoring.base  # noqa: F401
+
+
+def _guidance_available() -> bool:
     try:
-        from t2ialign.evaluation.sweep import rlg_sweep
-        from t2ialign.scoring.base import FunctionScorer
+        import t2ialign.evaluation.sweep  # noqa: F401
+        import t2ialign.guidance  # noqa: F401
     except ImportError:  # guidance not available in this build
+        return False
+    return True
+
+
+def _rlg_sweep(settings, base_dir, exports, records, reward_fn, preference_name, out):
+    """The sweep's summary and plot; its folders are already sampled (``_start_rlg``), so this only scores."""
+    if settings.rlg_objective not in exports or not settings.rlg_scales or not _guidance_available():
         return None
+    from t2ialign.evaluation.sweep import rlg_sweep
+    from t2ialign.scoring.base import FunctionScorer
+
     scorer = FunctionScorer(preference_name, lambda images, prompts: reward_fn(_pil_to_tensor(images), prompts))
-    base_config = _sample_config(settings, base_dir, out / "rlg", None, guide_with=str(exports[settings.rlg_objective]))
-    return rlg_sweep(base_config, settings.rlg_scales, {preference_name: scorer}, out / "rlg", records=records)
+    base_config = _rlg_base_config(settings, base_dir, exports[settings.rlg_objective], out)
+    return rlg_sweep(base_config, settings.rlg_scales, {preference_name: scorer}, out / "rlg",
+                     records=records[: settings.rlg_prompts])
 
 
 def _pil_to_tensor(images) -> torch.Tensor:

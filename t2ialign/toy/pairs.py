@@ -46,6 +46,17 @@ def load_toy_pipeline(base: Optional[str | Path] = None):
     return pipeline
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one sampling batch: a function of the run's seed and the batch's position only."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
+
+
+def prompt_batches(num_prompts: int, images_per_prompt: int = 2, batch_size: int = 256) -> list[slice]:
+    """The prompt ranges ``sample_toy_images`` samples together, in order."""
+    per_batch = max(1, batch_size // images_per_prompt)
+    return [slice(start, min(start + per_batch, num_prompts)) for start in range(0, num_prompts, per_batch)]
+
+
 @torch.no_grad()
 def sample_toy_images(
     pipeline,
@@ -56,26 +67,30 @@ def sample_toy_images(
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int = 256,
+    batches: Optional[Sequence[int]] = None,
 ) -> Tensor:
     """Images ``(len(prompts) * images_per_prompt, 3, H, W)`` in [0, 1], prompt-major order.
 
-    One generator seeded once drives the whole run, so the result is a function of the seed and the
-    batch size (not of wall time or thread count).
+    Each batch has its own generator seeded from ``(seed, batch index)``, so the result is a function of
+    the seed and the batch size (not of wall time or thread count), and ``batches`` (indices into
+    ``prompt_batches``) samples any subset: split across processes, the batches concatenate to the
+    same bytes one process draws.
     """
-    generator = torch.Generator().manual_seed(seed)
     prompts = list(prompts)
-    per_batch = max(1, batch_size // images_per_prompt)
+    ranges = prompt_batches(len(prompts), images_per_prompt, batch_size)
     chunks = []
-    for start in range(0, len(prompts), per_batch):
+    for index in batches if batches is not None else range(len(ranges)):
         output = pipeline(
-            prompt=prompts[start : start + per_batch],
+            prompt=prompts[ranges[index]],
             num_images_per_prompt=images_per_prompt,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            generator=generator,
+            generator=torch.Generator().manual_seed(batch_seed(seed, index)),
             output_type="pt",
         )
-        chunks.append(output.images.float().clamp(0, 1).cpu())
+        # contiguous: the pipeline returns channels-last tensors, and a reward's reductions over another memory
+        # layout (e.g. the copy another process sends back) can differ in the last bit
+        chunks.append(output.images.float().clamp(0, 1).cpu().contiguous())
     return torch.cat(chunks)
 
 
@@ -161,6 +176,7 @@ def build_preference_pairs(
     image_format: str = "png",
     save_to_disk: bool = False,
     batch_size: int = 256,
+    images: Optional[Tensor] = None,
 ) -> Path:
     """Sample pairs from the toy pipeline at ``base`` (default: the cached one), label, write them.
 
@@ -169,16 +185,20 @@ def build_preference_pairs(
     ``save_to_disk``, ``hf_dataset/`` for ``datasets.load_from_disk``. ``prompts`` defaults to
     ``num_pairs`` random world captions drawn with ``seed``; ``label_noise`` is the Bradley-Terry
     temperature and ``tie_margin`` the tie band, both in units of the preference's ``scale``.
+    ``images``: the pairs' images already sampled (``sample_toy_images(..., images_per_prompt=2)`` with these
+    settings, e.g. batch by batch in several processes); None samples them here.
     """
     import datasets
 
     chosen = get_preference(preference)  # fail on a bad name before any sampling
     prompts = list(prompts) if prompts is not None else world.sample_captions(num_pairs, seed=seed)
-    pipeline = load_toy_pipeline(base)
-    images = sample_toy_images(
-        pipeline, prompts, seed=seed, images_per_prompt=2, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, batch_size=batch_size,
-    )
+    if images is None:
+        images = sample_toy_images(
+            load_toy_pipeline(base), prompts, seed=seed, images_per_prompt=2, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, batch_size=batch_size,
+        )
+    if len(images) != 2 * len(prompts):
+        raise ValueError(f"images: expected {2 * len(prompts)} (two per prompt), got {len(images)}")
     images_0, images_1 = images[0::2], images[1::2]
     generator = torch.Generator().manual_seed(seed + 1)
     rewards_0, rewards_1, labels = label_pairs(

@@ -12,6 +12,8 @@ get distinct embeddings, and the UNet learns to read them.
 The result is a standard pipeline directory that ``StableDiffusionXLPipeline.from_pretrained`` loads,
 cached under ``$T2IALIGN_CACHE/toy/<hash>`` (default ``~/.cache/t2ialign``); the hash covers the world,
 the architecture and the training settings, so changing any of them retrains instead of reusing.
+The UNet and VAE weights are saved rounded to fp16 precision, the form in which the default base ships
+with the package (``toy.shipped``): the default config is materialised from those files, not retrained.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from t2ialign.toy import world
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = 1  # bump when the training procedure changes in a way the settings do not show
+PRETRAIN_VERSION = 2  # bump when the training procedure changes in a way the settings do not show (2: fp16-rounded weights)
 INFO_FILE = "toy_info.json"
 TOKEN_LENGTH = 16  # toy captions are at most 12 CLIP tokens; 16 instead of 77 makes cross-attention cheap
 
@@ -240,6 +242,23 @@ def train_unet(unet, latents: tuple[Tensor, Tensor], caption_index: Tensor, tabl
     return sum(recent) / max(1, len(recent))
 
 
+@torch.no_grad()
+def round_to_half(module) -> None:
+    """Round the weights to fp16 precision (kept in fp32), so the base is exactly what ``toy.shipped`` ships."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point():
+            rounded = tensor.to(torch.float16)
+            if not torch.isfinite(rounded).all():
+                raise ValueError(f"toy weight {name} does not fit in fp16")
+            tensor.copy_(rounded.float())
+
+
+def pretrain_info(cfg: PretrainConfig, scaling_factor: float) -> dict:
+    """What ``toy_info.json`` records about any toy base, trained or materialised."""
+    return {"world_version": world.WORLD_VERSION, "pretrain_version": PRETRAIN_VERSION, "cache_key": cfg.cache_key(),
+            "config": asdict(cfg), "scaling_factor": scaling_factor}
+
+
 def pretrain_toy_pipeline(
     output_dir: str | Path,
     config: Optional[PretrainConfig] = None,
@@ -273,10 +292,11 @@ def pretrain_toy_pipeline(
         components["unet"], (means * scaling_factor, stds * scaling_factor), caption_index, table,
         len(distinct), components["scheduler"].config, cfg, generator, progress,
     )
+    round_to_half(components["unet"])
+    round_to_half(vae)
     held_out, _ = world.sample_images(cfg.heldout_images, seed=cfg.seed + 10_000)
     info = {
-        "world_version": world.WORLD_VERSION, "pretrain_version": PRETRAIN_VERSION, "cache_key": cfg.cache_key(),
-        "config": asdict(cfg), "scaling_factor": scaling_factor, "vae_train_mse": vae_loss,
+        **pretrain_info(cfg, scaling_factor), "vae_train_mse": vae_loss,
         "vae_heldout_mse": reconstruction_error(vae, held_out), "unet_train_loss": unet_loss,
         "vae_seconds": round(vae_seconds, 1), "total_seconds": round(time.time() - started, 1),
     }
@@ -312,6 +332,9 @@ def get_toy_pipeline(
 ) -> Path:
     """Directory of the pretrained toy pipeline, training it first when it is not cached yet.
 
+    The default config is not trained but materialised in a second or two from the base shipped with
+    the package (``toy.shipped``; the same bytes a pretrain writes); ``force`` trains it anyway.
+
     ``steps`` overrides the UNet steps (VAE steps scale alike; see ``PretrainConfig.with_steps``).
     With ``cache=False`` it trains into a fresh temporary directory. Training writes into a staging
     directory and renames it into place, so a crash or a concurrent run never leaves half a model.
@@ -319,16 +342,16 @@ def get_toy_pipeline(
     cfg = config or PretrainConfig()
     if steps is not None:
         cfg = cfg.with_steps(steps)
+    build = _builder(cfg, force, progress)
     if not cache:
-        return pretrain_toy_pipeline(Path(tempfile.mkdtemp(prefix="t2ialign-toy-")), cfg, progress)
+        return build(Path(tempfile.mkdtemp(prefix="t2ialign-toy-")))
     target = toy_cache_dir(cfg)
     if is_complete(target) and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("pretraining the toy pipeline (cached afterwards at %s)", target)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
-        pretrain_toy_pipeline(staging, cfg, progress)
+        build(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -338,3 +361,17 @@ def get_toy_pipeline(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _builder(cfg: PretrainConfig, force: bool, progress: Optional[ProgressFn]) -> Callable[[Path], Path]:
+    """How to produce ``cfg``'s pipeline in a directory: materialise the shipped base, or pretrain."""
+    from t2ialign.toy import shipped
+
+    if not force and shipped.ships(cfg):
+        return lambda directory: shipped.materialise(directory, cfg)
+
+    def pretrain(directory: Path) -> Path:
+        logger.info("pretraining the toy pipeline (cached afterwards under %s)", cache_root() / "toy")
+        return pretrain_toy_pipeline(directory, cfg, progress)
+
+    return pretrain

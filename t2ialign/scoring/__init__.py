@@ -14,6 +14,7 @@ from .imagereward import ImageRewardScorer
 from .mps import MPSCrossModel, MPSScorer
 from .toy import toy_scorer
 from .vqascore import CLIPFlanT5, VQAScoreScorer
+from .hpsv3 import HPSv3Model, HPSv3Scorer
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, hps_preprocess, to_pil
 
 __all__ = [
@@ -23,3 +24,4 @@ __all__ = [
 ]
 
 __all__ += ["VQAScoreScorer", "CLIPFlanT5"]
+__all__ += ["HPSv3Scorer", "HPSv3Model"]

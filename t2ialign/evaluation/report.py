@@ -190,6 +190,10 @@ def _sweep_view(sweep: dict) -> dict:
         rows.append({"w": float(w), "dir": entry.get("dir", ""), "scores": entry.get("scores", {}),
                      "win": entry.get("win_rate_vs_w0", {})})
     details = {k: sweep[k] for k in ("pretrained", "aligned", "guidance_scale", "num_inference_steps", "seed") if k in sweep}
+    # the sweep may sample fewer prompts than the win-rate table above (the demo: the first 64), so say how many
+    counts = {stats["n"] for row in rows for stats in row["scores"].values() if "n" in stats}
+    if counts:
+        details["prompts"] = "/".join(str(n) for n in sorted(counts))
     return {"scorers": list(sweep.get("scorers", [])), "rows": rows, "details": details}
 
 

@@ -65,3 +65,32 @@ def test_the_objectives_without_flips_share_one_latent_cache_with_dcpo_captions(
     assert raw["data"]["cache_dtype"] == "fp32" and not raw["data"]["random_flip"]  # the image path, bit for bit
     run = train_config(DemoSettings(), tmp_path / "base", tmp_path / "pairs" / "train.parquet", "sft", tmp_path, 150, cache)
     assert run["data"]["cache_dir"] == str(cache) and run["max_steps"] == 150
+
+
+@pytest.mark.slow
+def test_demo_train_yaml_retrains_the_chunked_run_to_the_same_weights(base, tmp_path):
+    """The demo trains in curve chunks (each resuming the last); the `demo_train.yaml` it leaves in the run
+    folder, run in one go by `t2ialign train` in a fresh process, gives the same LoRA weights bit for bit."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from t2ialign.toy.demo import DemoSettings, align_with_curve, held_out_prompts
+    from t2ialign.toy.pairs import build_preference_pairs
+
+    pairs = build_preference_pairs(base, tmp_path / "pairs", num_pairs=16, num_inference_steps=STEPS)
+    settings = DemoSettings(output_dir=str(tmp_path), train_steps=6, curve_points=2, curve_prompts=2,
+                            train_batch_size=4, num_eval_prompts=2, sample_steps=STEPS, rlg_scales=[])
+    align_with_curve(settings, base, pairs, "dpo", held_out_prompts(2, seed=0), get_preference(DEFAULT_PREFERENCE), tmp_path)
+    run = tmp_path / "runs" / "dpo"
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["dpo-step3", "dpo-step6"]
+    rerun = tmp_path / "rerun"
+    done = subprocess.run([sys.executable, "-m", "t2ialign", "train", str(run / "demo_train.yaml"),
+                           "--set", f"output_dir={rerun}", "--set", "progress_bar=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = "lora/pytorch_lora_weights.safetensors"
+    chunked, whole = load_file(str(run / "final" / name)), load_file(str(rerun / "final" / name))
+    assert chunked.keys() == whole.keys() and all(torch.equal(chunked[k], whole[k]) for k in chunked)
+    assert any(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k or "lora.up" in k)  # it trained

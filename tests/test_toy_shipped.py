@@ -91,3 +91,24 @@ def test_get_toy_pipeline_materialises_the_default_without_training(monkeypatch,
     assert directory == pretrain.toy_cache_dir() and pretrain.is_complete(directory)
     custom = PretrainConfig(unet_steps=7)
     assert not shipped.ships(custom)  # any other config still pretrains
+
+
+def test_a_cache_materialised_from_other_shipped_weights_is_rebuilt(monkeypatch, tmp_path):
+    from t2ialign.toy import pretrain
+
+    monkeypatch.setenv("T2IALIGN_CACHE", str(tmp_path))
+    directory = pretrain.get_toy_pipeline()
+    info_path = directory / pretrain.INFO_FILE
+    info = json.loads(info_path.read_text())
+    assert info["shipped_sha256"] == shipped.read_manifest()["sha256"]
+    assert not pretrain.shipped_base_changed(directory, PretrainConfig())
+    # the cache of an earlier release, whose shipped base had other bytes under the same config
+    info_path.write_text(json.dumps({**info, "shipped_sha256": {"unet.fp16.safetensors": "0" * 64}}))
+    assert pretrain.shipped_base_changed(directory, PretrainConfig())
+    assert pretrain.get_toy_pipeline() == directory
+    assert json.loads(info_path.read_text())["shipped_sha256"] == shipped.read_manifest()["sha256"]
+
+
+def test_the_manifest_names_what_the_bytes_depend_on():
+    built_with = shipped.read_manifest()["built_with"]
+    assert set(built_with) == {"torch", "cpu_capability"} and built_with["torch"].startswith("2.")

@@ -323,6 +323,17 @@ def is_complete(directory: Path) -> bool:
     return (directory / "model_index.json").is_file() and (directory / INFO_FILE).is_file()
 
 
+def shipped_base_changed(directory: Path, cfg: PretrainConfig) -> bool:
+    """Whether ``directory`` was materialised from other shipped weights than this package's (an upgrade
+    re-exported the base under the same config): the cache is then rebuilt rather than silently reused."""
+    from t2ialign.toy import shipped
+
+    info = json.loads((directory / INFO_FILE).read_text())
+    if "shipped_sha256" not in info or not shipped.ships(cfg):
+        return False
+    return info["shipped_sha256"] != shipped.read_manifest()["sha256"]
+
+
 def get_toy_pipeline(
     cache: bool = True,
     config: Optional[PretrainConfig] = None,
@@ -346,7 +357,7 @@ def get_toy_pipeline(
     if not cache:
         return build(Path(tempfile.mkdtemp(prefix="t2ialign-toy-")))
     target = toy_cache_dir(cfg)
-    if is_complete(target) and not force:
+    if is_complete(target) and not force and not shipped_base_changed(target, cfg):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))

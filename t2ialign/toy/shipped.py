@@ -61,9 +61,16 @@ def export_shipped(pipeline_dir: Path, out_dir: Path) -> dict:
         "cache_key": info["cache_key"], "world_version": info["world_version"],
         "pretrain_version": info["pretrain_version"], "scaling_factor": info["scaling_factor"],
         "sha256": hashes, "pretrain_info": {key: info[key] for key in INFO_KEYS if key in info},
+        "built_with": build_environment(),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def build_environment() -> dict:
+    """What the bytes of a pretrain depend on besides the config: float kernels differ across torch builds
+    and CPU instruction sets (AVX2 vs AVX512 reduce in other orders), so a byte check holds only where both match."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def check_hashes(directory: Path = SHIPPED_DIR) -> dict:
@@ -96,7 +103,7 @@ def materialise(target: Path, config, directory: Path = SHIPPED_DIR) -> Path:
     target = Path(target)
     save_pipeline({**components, "force_zeros_for_empty_prompt": False}, target)
     info = {**pretrain_info(config, manifest["scaling_factor"]), **manifest["pretrain_info"],
-            "source": "shipped with the package (t2ialign/toy/base), materialised"}
+            "source": "shipped with the package (t2ialign/toy/base), materialised", "shipped_sha256": manifest["sha256"]}
     (target / INFO_FILE).write_text(json.dumps(info, indent=2, default=list))
     return target
 
@@ -118,5 +125,6 @@ def verify_shipped(config=None, directory: Path = SHIPPED_DIR) -> dict:
     shipped = check_hashes(directory)
     with tempfile.TemporaryDirectory(prefix="t2ialign-verify-") as workdir:
         fresh = export_shipped(pretrain_fresh(Path(workdir), config), Path(workdir) / "export")
-    keys = {"cache_key": (shipped["cache_key"], fresh["cache_key"])}
+    keys = {"cache_key": (shipped["cache_key"], fresh["cache_key"]),
+            "built_with": (shipped.get("built_with"), fresh["built_with"])}
     return {**keys, **{name: (shipped["sha256"][name], fresh["sha256"].get(name)) for name in shipped["sha256"]}}

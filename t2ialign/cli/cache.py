@@ -41,4 +41,5 @@ def run(args) -> int:
         f"cache {result.cache_dir}: process {result.process_index}/{result.num_processes} wrote {result.shards_written} shards ({result.shards_skipped} already done), "
         f"{result.images_per_second:.1f} images/s; {status}"
     )
+    print(result.bad_rows)  # the summary train logs: undecodable / tiny rows too, not only the load filters
     return 0

@@ -23,7 +23,8 @@ FLAGS = {
 
 def add_sampling_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file with SampleConfig keys (flags override it)")
-    parser.add_argument("--model", help="base pipeline: hub id or local diffusers directory")
+    parser.add_argument("--model", help="base pipeline: hub id or local diffusers directory (required unless --config "
+                        "sets pretrained)")
     parser.add_argument("--aligned", help="sample this aligned model (training export, UNet or LoRA directory)")
     parser.add_argument("--guide-with", dest="guide_with", help="RL guidance: aligned model mixed with the base")
     parser.add_argument("--rlg-scale", dest="rlg_scale", type=float, help="RL guidance scale w (0 = base, 1 = aligned, >1 extrapolates)")
@@ -51,12 +52,29 @@ def add_sampling_arguments(parser) -> None:
 def config_from_args(args):
     from t2ialign.config import load_sample_config
 
+    _require_model(args)
     overrides = list(args.overrides)
     for flag, key in FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     return load_sample_config(args.config, overrides)
+
+
+def _require_model(args) -> None:
+    """No silent default base model: sampling SDXL when the user meant another model wastes a long run
+    and mislabels the folder. --model, --set pretrained=... or pretrained in --config names it."""
+    from t2ialign.config.parsing import load_yaml
+    from t2ialign.errors import UserFacingError
+
+    if args.model or any(o.split("=", 1)[0].strip() == "pretrained" for o in args.overrides):
+        return
+    if args.config and "pretrained" in load_yaml(args.config):
+        return
+    raise UserFacingError(
+        "--model: name the base pipeline to sample, a hub id (e.g. --model stabilityai/stable-diffusion-xl-base-1.0) "
+        "or a local diffusers directory; no model is assumed (or set pretrained in the --config file)"
+    )
 
 
 def register(subparsers) -> None:

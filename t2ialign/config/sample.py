@@ -13,7 +13,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class SampleConfig:
     """``t2ialign sample``: images for a prompt set, identical initial latents across models."""
 
-    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # the base pipeline (hub id or directory)
+    # the base pipeline (hub id or directory); the CLI (sample, sweep) requires --model or pretrained in --config,
+    # so this default serves only the Python API
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
     aligned: Optional[str] = None  # a training export, UNet or LoRA directory: sample this model instead of the base
     guide_with: Optional[str] = None  # RL guidance: mix the base with this aligned model at scale rlg_scale
     rlg_scale: float = 1.0

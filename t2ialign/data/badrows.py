@@ -12,7 +12,8 @@ tie (0.5 / 0.5)        load filter (data.drop_ties) or pre-pass     dropped / sk
 labels not summing 1   metadata pre-pass                            skipped, counted
 duplicate pair         load filter (data.drop_duplicates)           dropped, counted
 truncated/undecodable  lazily, when the row is first read           skipped, replaced
-tiny image             lazily (shortest side < data.min_image_size) skipped, replaced
+tiny image             lazily (shortest side < data.min_image_size  skipped, replaced
+                       or < MIN_IMAGE_SIDE = 8 px, always)
 CMYK/palette/RGBA/L    lazily                                       converted to RGB, counted
 caption > 77 tokens    (the text encoders truncate at 77 tokens)    kept
 =====================  ===========================================  =========================
@@ -50,6 +51,10 @@ INJECTED_KIND_TO_REASON = {
     "cmyk": "converted_CMYK", "palette": "converted_P", "grayscale": "converted_L", "rgba": "converted_RGBA",
 }
 EXAMPLES_PER_REASON = 5
+# Below this many pixels per side an image is a bad row whatever data.min_image_size says: it is smaller than one
+# latent pixel of every supported VAE (downsampling factor 8), so resizing it to the training resolution yields a
+# flat smear, not a picture (Pick-a-Pic's broken thumbnails are 1x1 or a few pixels).
+MIN_IMAGE_SIDE = 8
 
 
 class BadRow(Exception):
@@ -72,6 +77,7 @@ class BadRowReport:
     converted: Counter = field(default_factory=Counter)
     filtered: Counter = field(default_factory=Counter)  # rows removed by config filters at load time
     examples: dict = field(default_factory=dict)  # reason -> first row indices
+    rows_read: set = field(default_factory=set, repr=False)  # rows whose images were decoded (or found bad)
     _seen: set = field(default_factory=set, repr=False)
 
     def record(self, row: int, reason: str) -> bool:
@@ -85,6 +91,10 @@ class BadRowReport:
         if len(first) < EXAMPLES_PER_REASON:
             first.append(row)
         return True
+
+    def record_read(self, rows) -> None:
+        """Rows whose images were read: the rows the image checks cover (see ``coverage_summary``)."""
+        self.rows_read.update(int(row) for row in rows)
 
     def record_filtered(self, reason: str, count: int) -> None:
         if count:
@@ -110,6 +120,16 @@ class BadRowReport:
                 items = ", ".join(f"{reason}={n}{self._example_text(reason)}" for reason, n in sorted(counter.items()))
                 parts.append(f"{title} {sum(counter.values())} ({items})")
         return "; ".join(parts) if parts else "no bad rows"
+
+    def coverage_summary(self, rows_total: Optional[int] = None) -> str:
+        """``summary`` with the rows it covers: "bad rows: 3 of 1,024 rows read (...)". Image defects are only
+        known for rows read, so when fewer than ``rows_total`` were read (a short run, a partial cache) it says so."""
+        read = len(self.rows_read)
+        head = f"bad rows: {self.num_skipped:,} of {read:,} rows read"
+        if rows_total is not None and read < rows_total:
+            head += f" (of {rows_total:,}; captions and labels of all were checked, images only of the rows read)"
+        details = self.summary()
+        return head if details == "no bad rows" else f"{head}: {details}"
 
     def _example_text(self, reason: str) -> str:
         rows = self.examples.get(reason)
@@ -198,8 +218,9 @@ def decode_image(value: Any, min_size: int = 0) -> tuple[Image.Image, Optional[s
         image = ImageOps.exif_transpose(image)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise BadRow(UNDECODABLE, f"cannot decode the image ({type(exc).__name__}: {exc})") from None
-    if min(image.size) < max(min_size, 1):
-        raise BadRow(TINY, f"image is {image.width}x{image.height}, below data.min_image_size={min_size}")
+    if min(image.size) < max(min_size, MIN_IMAGE_SIDE):
+        limit = f"data.min_image_size={min_size}" if min_size > MIN_IMAGE_SIDE else f"the {MIN_IMAGE_SIDE} px floor"
+        raise BadRow(TINY, f"image is {image.width}x{image.height}, below {limit}")
     original_mode = image.mode
     image = to_rgb(image)
     return image, (original_mode if original_mode != "RGB" else None)

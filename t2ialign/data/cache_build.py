@@ -25,6 +25,8 @@ from t2ialign.data.cache_read import FORMAT_VERSION, MANIFEST, NULL_TEXT, SHARD_
 from t2ialign.data.cache_shards import (
     STORAGE_DTYPES, CacheEncoder, ShardBuilder, shard_complete, write_safetensors_atomic,
 )
+from t2ialign.data.files import prepare_output_dir, reported_write
+from t2ialign.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class CacheBuildResult:
     shards_skipped: int  # already complete from an earlier (interrupted) build
     images_encoded: int  # by this process in this call (pairs x 2 x variants)
     seconds: float  # from models loaded to shards written (this process)
+    bad_rows: str = ""  # this process's bad-row summary, with the rows it covers (what ``train`` logs)
 
     @property
     def images_per_second(self) -> float:
@@ -133,7 +136,6 @@ def build_cache(config: TrainConfig, *, max_new_shards: Optional[int] = None, pr
         return k % world == rank and not shard_complete(shard_path(k))
 
     show = state.is_main_process if progress is None else progress
-    bar = tqdm(desc=f"caching (process {rank}/{world})", unit="shard", disable=not show)
     written = images = 0
     stopped_early = False
     if data.streaming:
@@ -143,15 +145,18 @@ def build_cache(config: TrainConfig, *, max_new_shards: Optional[int] = None, pr
         totals = {"num_shards": num_shards}
         shard_stream = _map_shards(pairs, shard_size, variants, [k for k in range(rank, num_shards, world) if todo(k)],
                                    new_builder, data.cache_batch_size, data.num_workers)
-    for builder in shard_stream:
-        write_safetensors_atomic(shard_path(builder.shard), builder.tensors(), builder.metadata())
-        written += 1
-        images += builder.images
-        bar.update(1)
-        if max_new_shards is not None and written >= max_new_shards:
-            stopped_early = True
-            break
-    bar.close()
+    # a context: the bar ends its line on an error too, so the CLI's one-line error starts a line of its own
+    with tqdm(desc=f"caching (process {rank}/{world})", unit="shard", disable=not show) as bar:
+        for builder in shard_stream:
+            write_safetensors_atomic(shard_path(builder.shard), builder.tensors(), builder.metadata())
+            written += 1
+            images += builder.images
+            bar.update(1)
+            if max_new_shards is not None and written >= max_new_shards:
+                stopped_early = True
+                break
+    if data.streaming and not stopped_early and totals.get("num_shards") == 0:  # every rank read the whole stream
+        raise DataError(f"data.dataset: {data.dataset} (split '{data.split}') streamed no rows; nothing to cache")
     skipped = max(0, sum(1 for k in range(rank, totals.get("num_shards", 0), world) if shard_complete(shard_path(k))) - written)
     state.wait_for_everyone()
 
@@ -163,7 +168,9 @@ def build_cache(config: TrainConfig, *, max_new_shards: Optional[int] = None, pr
     state.wait_for_everyone()
     if not state.is_main_process and (cache_dir / MANIFEST).is_file():
         complete, num_pairs = True, json.loads((cache_dir / MANIFEST).read_text())["num_pairs"]
-    result = CacheBuildResult(cache_dir, rank, world, complete, num_pairs, written, skipped, images, time.perf_counter() - started)
+    bad_rows = report.coverage_summary(totals.get("rows")) if data.streaming else pairs.bad_row_summary()
+    result = CacheBuildResult(cache_dir, rank, world, complete, num_pairs, written, skipped, images, time.perf_counter() - started,
+                              bad_rows)
     logger.info(
         "cache %s: process %d wrote %d shards (%d already done), %.1f images/s; %s", cache_dir, rank, written, skipped,
         result.images_per_second, f"complete, {num_pairs} pairs" if complete else "not complete yet (rerun to resume)",
@@ -174,11 +181,12 @@ def build_cache(config: TrainConfig, *, max_new_shards: Optional[int] = None, pr
 def _check_or_write_spec(cache_dir: Path, spec: dict, state) -> None:
     path = cache_dir / SPEC
     if state.is_main_process:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(cache_dir, "data.cache_dir")
         if not path.is_file():
             tmp = path.with_name(f".{SPEC}.tmp")
-            tmp.write_text(json.dumps(spec, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            with reported_write(path, "nothing of the cache was written yet", cleanup=tmp):
+                tmp.write_text(json.dumps(spec, indent=1, sort_keys=True))
+                os.replace(tmp, path)
         for torn in cache_dir.glob(".*.tmp-*"):  # half-written shards of an interrupted build
             torn.unlink()
     state.wait_for_everyone()
@@ -240,7 +248,11 @@ def _map_shards(pairs, shard_size: int, variants: int, shards: list, new_builder
         builder = builder or new_builder(k)
         for samples in batch:
             row = samples[0]["index"]
-            builder.add(samples, row if source_rows is None else source_rows[row], samples[0].get("bad_rows", ()))
+            events = samples[0].get("bad_rows", ())
+            # DataLoader workers count in their own copy of the report: merge what they met into this process's
+            pairs.report.record_events(events)
+            pairs.report.record_read(samples[0].get("rows_read", ()))
+            builder.add(samples, row if source_rows is None else source_rows[row], events)
     if builder is not None:
         yield builder
 
@@ -282,7 +294,7 @@ def _stream_shards(pairs, shard_size: int, variants: int, todo, new_builder) -> 
             builder.add(samples, row, events)
         if builder is not None:
             yield builder
-        totals["num_shards"] = math.ceil(rows / shard_size)
+        totals["num_shards"], totals["rows"] = math.ceil(rows / shard_size), rows
 
     return shards(), totals
 
@@ -327,6 +339,7 @@ def _write_manifest(cache_dir: Path, num_shards: int, encoder: CacheEncoder, con
         "spec": spec,
     }
     tmp = cache_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, cache_dir / MANIFEST)
+    with reported_write(cache_dir / MANIFEST, "every shard is intact: a rerun only writes the manifest", cleanup=tmp):
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, cache_dir / MANIFEST)
     return manifest

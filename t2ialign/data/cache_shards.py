@@ -154,14 +154,19 @@ class ShardBuilder:
 
 
 def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict) -> None:
-    """Write to a temporary name, fsync, then rename: a shard file either exists whole or not at all."""
+    """Write to a temporary name, fsync, then rename: a shard file either exists whole or not at all.
+    A failed write (disk full, read-only) removes the temporary file and raises one line (OutputError)."""
     from safetensors.torch import save_file
 
+    from t2ialign.data.files import reported_write
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    kept = "the shards written before are intact, and a rerun keeps them and continues"
+    with reported_write(path, kept, cleanup=tmp):
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 def shard_complete(path: Path) -> bool:

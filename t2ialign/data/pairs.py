@@ -12,10 +12,12 @@ Bad rows are handled in two stages so that every batch is full and every run is 
    and not decoded again by this process.
 
 Each sample carries ``bad_rows``: the (row, reason) events met while producing it, including
-mode conversions ("converted_CMYK", ...). ``collate_pairs`` concatenates them into the batch, so
-a trainer using DataLoader workers can merge them into its report with
-``report.record_events(batch["bad_rows"])`` (with ``num_workers=0`` the dataset's own ``report``
-is already complete). With ``data.strict`` the first bad row raises ``DataError`` naming the row.
+mode conversions ("converted_CMYK", ...), and ``rows_read``: the rows whose images it read (the
+rows the image checks cover). ``collate_pairs`` concatenates both into the batch, so a trainer
+using DataLoader workers can merge them into its report with
+``report.record_events(batch["bad_rows"])`` and ``report.record_read(batch["rows_read"])`` (with
+``num_workers=0`` the dataset's own ``report`` is already complete). ``bad_row_summary()`` says how
+many rows the counts cover. With ``data.strict`` the first bad row raises ``DataError`` naming the row.
 
 Rows in reports and events are SOURCE rows (the ``source_row`` column that load_preference_dataset
 adds: the position in the source files before any filter), so a user can look them up; datasets
@@ -104,6 +106,7 @@ def _handle_bad_row(report: BadRowReport, strict: bool, row: int, problem: BadRo
             "data.strict=true stops at the first bad row; set data.strict=false to skip and count bad rows."
         )
     report.record(source if source is not None else row, problem.reason)
+    report.record_read([source if source is not None else row])  # a bad row was read too: counts cover it
 
 
 def _require_canonical_columns(available: list) -> None:
@@ -173,7 +176,10 @@ class _PairBuilder:
             self.report.record(row, reason)
 
     def bad_row_summary(self) -> str:
-        return self.report.summary()
+        """The report's summary with the rows it covers (all rows of a map-style dataset; a stream's length
+        is unknown)."""
+        total = len(self.dataset) if isinstance(self, PreferencePairs) else None
+        return self.report.coverage_summary(total)
 
 
 class PreferencePairs(torch.utils.data.Dataset, _PairBuilder):
@@ -219,7 +225,9 @@ class PreferencePairs(torch.utils.data.Dataset, _PairBuilder):
         self.require_image_captions = bool(require_image_captions)
         self.good_rows = scan_rows(dataset, self.report, self.strict, self.require_image_captions)
         if len(self.good_rows) == 0:
-            raise DataError(f"no usable rows in the dataset ({len(dataset)} rows; {self.report.summary()})")
+            raise DataError(f"data.dataset: no usable rows ({len(dataset)} rows after the load filters; "
+                            f"{self.report.summary()}); check data.dataset and its filters (data.drop_ties, "
+                            "data.model_names, data.max_rows)")
         self._known_bad: set = set()
 
     def __len__(self) -> int:
@@ -231,12 +239,14 @@ class PreferencePairs(torch.utils.data.Dataset, _PairBuilder):
     def __getitem__(self, item) -> dict:
         position, epoch = item if isinstance(item, tuple) else (item, None)
         events: list = []
+        read: list = []
         count = len(self.good_rows)
         for step in range(count):
             row = int(self.good_rows[(int(position) + step) % count])
             if row in self._known_bad:
                 continue
             record = self.dataset[row]
+            read.append(int(record.get("source_row", row)))
             try:
                 sample = self._build(record, row, epoch, events)
             except BadRow as problem:
@@ -245,9 +255,11 @@ class PreferencePairs(torch.utils.data.Dataset, _PairBuilder):
                 events.append((record.get("source_row", row), problem.reason))
                 continue
             self._note_events(events)
-            sample["bad_rows"] = events
+            self.report.record_read(read)
+            sample["bad_rows"], sample["rows_read"] = events, read
             return sample
-        raise DataError(f"every row of the dataset failed to decode ({self.report.summary()})")
+        raise DataError(f"data.dataset: no row has two usable images ({self.report.summary()}); check that "
+                        "data.image_columns hold encoded images (JPEG/PNG bytes) and data.min_image_size")
 
 
 class IterablePreferencePairs(torch.utils.data.IterableDataset, _PairBuilder):
@@ -302,7 +314,8 @@ class IterablePreferencePairs(torch.utils.data.IterableDataset, _PairBuilder):
                 _handle_bad_row(self.report, self.strict, index, problem)
                 continue
             self._note_events(events)
-            sample["bad_rows"] = events
+            self.report.record_read([index])
+            sample["bad_rows"], sample["rows_read"] = events, [index]
             yield sample
 
     @staticmethod
@@ -331,6 +344,7 @@ def collate_pairs(rows: list) -> dict:
         "crop_top_left": winners_then_losers("crop_top_left"),
         "indices": torch.tensor([r["index"] for r in rows], dtype=torch.long),
         "bad_rows": [event for r in rows for event in r.get("bad_rows", [])],
+        "rows_read": [row for r in rows for row in r.get("rows_read", [])],
     }
 
 

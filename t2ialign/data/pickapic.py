@@ -14,6 +14,7 @@ stay cheap on the 959k-row Pick-a-Pic train split.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -21,9 +22,11 @@ from typing import Optional, Union
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
 
 from t2ialign.config import DataConfig
 from t2ialign.data.badrows import DUPLICATE, TIE, BadRowReport
+from t2ialign.data.local_files import check_data_files
 from t2ialign.errors import DataError
 from t2ialign.hub import fix_hint, offline_note, use_offline_mode_if_unreachable
 
@@ -104,16 +107,40 @@ def _load_local(path: Path, split: str, streaming: bool) -> AnyDataset:
     if kinds - {".parquet", ".arrow"} or len(kinds) != 1:
         raise DataError(f"data.dataset: {path} must hold .parquet or .arrow files (one kind), found {sorted(kinds)}")
     builder = "parquet" if kinds == {".parquet"} else "arrow"
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
+    check_data_files(files, builder, path)  # one schema, no empty files: datasets would merge/cast or fail later
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
+    except DatasetGenerationError as exc:  # a defect the checks above do not look for (e.g. a corrupt data page)
+        cause = " ".join(str(exc.__cause__ or exc).split())[:200]
+        raise DataError(f"data.dataset: datasets could not read {path} ({cause}); re-download or re-export the "
+                        "file(s)") from None
 
 
 def _load_saved(path: Path, split: str, streaming: bool) -> AnyDataset:
-    saved = datasets.load_from_disk(str(path))
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets fails with IndexError on a saved dataset of zero rows (no data files)
+        if _saved_without_data_files(path):
+            raise DataError(f"data.dataset: {path} (split '{split}') has no rows; point data.dataset at a dataset "
+                            "with data") from None
+        cause = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"data.dataset: datasets could not read the saved dataset {path} ({cause}); save it again "
+                        "with save_to_disk") from None
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise DataError(f"data.split: '{split}' is not in {path}; available splits: {', '.join(saved)}")
         saved = saved[split]
+    if len(saved) == 0:
+        raise DataError(f"data.dataset: {path} (split '{split}') has no rows; point data.dataset at a dataset with data")
     return saved.to_iterable_dataset() if streaming else saved
+
+
+def _saved_without_data_files(path: Path) -> bool:
+    states = [path / "state.json"] if (path / "state.json").exists() else list(path.glob("*/state.json"))
+    try:
+        return any(not json.loads(state.read_text()).get("_data_files") for state in states)
+    except (OSError, ValueError):
+        return False
 
 
 def _split_files(directory: Path, split: str) -> list:

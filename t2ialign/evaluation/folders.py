@@ -50,11 +50,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_jsonl(path: str, rows) -> None:
+    """Atomic (temporary file, then rename): a failed write leaves the previous file as it was."""
+    from t2ialign.data.files import reported_write
+
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with reported_write(path, f"the previous {os.path.basename(path)} (if any) is intact", cleanup=tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
 
 
 def read_metadata(model_dir: str, check_files: bool = True) -> list[dict]:

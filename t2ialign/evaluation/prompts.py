@@ -18,6 +18,7 @@ Names (case-insensitive):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -57,9 +58,29 @@ def _records(prompts, source, categories=None, metas=None) -> list[PromptRecord]
     return out
 
 
+def _read_text(path) -> str:
+    """The file as text; DataError for a binary or non-UTF-8 file (what a wrong --prompts path usually is)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise DataError(f"prompts file {path}: cannot read it ({exc.strerror or exc}); pass a readable file or a "
+                        "prompt-set name (parti, geneval, hpsv2, pickapic:test_unique)") from None
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark would otherwise stick to the first prompt / header
+    except UnicodeDecodeError as exc:
+        raise DataError(f"prompts file {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                        f"{FORMATS}; re-save it as UTF-8 text") from None
+    if "\x00" in text:
+        raise DataError(f"prompts file {path}: a binary file (it contains NUL bytes), not prompts; {FORMATS}")
+    return text
+
+
+FORMATS = "prompts are .txt (one prompt per line), .tsv/.csv (a Prompt column), .jsonl or .json files in UTF-8"
+
+
 def _read_table(path, delimiter) -> list[PromptRecord]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter=delimiter))
+    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter))
     if not rows:
         raise DataError(f"{path}: no rows")
     key = next((k for k in ("Prompt", "prompt", "caption", "text") if k in rows[0]), None)
@@ -72,13 +93,12 @@ def _read_table(path, delimiter) -> list[PromptRecord]:
 
 def _read_jsonl(path) -> list[PromptRecord]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for ln, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{ln}: not JSON ({exc.msg})") from None
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{ln}: not JSON ({exc.msg})") from None
     return _from_objects(rows, path)
 
 
@@ -94,9 +114,20 @@ def _from_objects(rows, path) -> list[PromptRecord]:
 
 
 def _read_txt(path) -> list[PromptRecord]:
-    with open(path, encoding="utf-8") as fh:
-        prompts = [ln.strip() for ln in fh if ln.strip()]
+    prompts = [ln.strip() for ln in _read_text(path).splitlines() if ln.strip()]
     return _records(prompts, os.path.basename(path))
+
+
+def _read_json(path) -> list[PromptRecord]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); {FORMATS}") from None
+    if isinstance(data, dict) and "prompts" in data:
+        data = data["prompts"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of prompts (strings or objects with 'prompt'), or {{\"prompts\": [...]}}")
+    return _from_objects(data, path)
 
 
 def load_prompt_file(path: str) -> list[PromptRecord]:
@@ -108,11 +139,7 @@ def load_prompt_file(path: str) -> list[PromptRecord]:
     if ext == ".jsonl":
         return _read_jsonl(path)
     if ext == ".json":
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        if isinstance(data, dict) and "prompts" in data:
-            data = data["prompts"]
-        return _from_objects(data, path)
+        return _read_json(path)
     return _read_txt(path)
 
 

@@ -16,9 +16,9 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
-from t2ialign.errors import UserFacingError
+from t2ialign.errors import DataError, UserFacingError
 
-from .folders import SCORES, SCORES_META, image_path, read_metadata, read_scores, write_jsonl
+from .folders import METADATA, SCORES, SCORES_META, image_path, read_metadata, read_scores, write_jsonl
 from .report import read_sweep, read_training_metrics, write_report
 
 logger = logging.getLogger(__name__)
@@ -49,17 +49,27 @@ def score_rows(model_dir: str, rows: Sequence[dict], scorers, chunk: int = 64) -
     rows = [dict(r, scores=dict(r.get("scores", {}))) for r in rows]
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
-        images = []
-        for r in part:
-            with Image.open(image_path(model_dir, r)) as im:
-                im.load()
-                images.append(im.copy())
+        images = [_load_image(model_dir, r) for r in part]
         prompts = [r["prompt"] for r in part]
         for sc in scorers:
             vals = sc.score(images, prompts)
             for r, v in zip(part, vals.tolist()):
                 r["scores"][sc.name] = float(v)
     return rows
+
+
+def _load_image(model_dir: str, row: dict) -> Image.Image:
+    """The row's image; DataError naming it when it is not an image (e.g. a text file listed in metadata.jsonl)."""
+    try:
+        with Image.open(image_path(model_dir, row)) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(
+            f"{os.path.join(model_dir, METADATA)}: {row['file']} is not an image PIL can read ({type(exc).__name__}); "
+            f"nothing was scored and {SCORES} is unchanged. Fix: delete that file and rerun the same 't2ialign sample' "
+            "command (it re-creates missing images), or correct the row's \"file\""
+        ) from None
 
 
 def score_folder(model_dir: str, scorers, device=None, dtype=None, scorer_paths=None, batch_size: int = 32,
@@ -79,15 +89,24 @@ def score_folder(model_dir: str, scorers, device=None, dtype=None, scorer_paths=
                 len(rows) / max(dt, 1e-9))
     if write:
         write_jsonl(os.path.join(model_dir, SCORES), rows)
-        meta_path = os.path.join(model_dir, SCORES_META)
-        meta = {}
-        if os.path.isfile(meta_path):
-            with open(meta_path) as fh:
-                meta = json.load(fh)
-        meta.update({s.name: s.describe() for s in scorers})
-        with open(meta_path, "w") as fh:
-            json.dump(meta, fh, indent=2)
+        _write_scores_meta(model_dir, scorers)
     return rows
+
+
+def _write_scores_meta(model_dir: str, scorers) -> None:
+    from t2ialign.data.files import reported_write  # here: t2ialign.data imports datasets (slow)
+
+    meta_path = os.path.join(model_dir, SCORES_META)
+    meta = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    meta.update({s.name: s.describe() for s in scorers})
+    tmp = meta_path + ".tmp"
+    with reported_write(meta_path, f"the scores are saved in {SCORES}", cleanup=tmp):  # atomic: no torn JSON
+        with open(tmp, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        os.replace(tmp, meta_path)
 
 
 def _scorer_names(scorers) -> list[str]:
@@ -132,6 +151,9 @@ def evaluate(model_dirs, scorers, out_dir: str, baseline: str | None = None, dev
         raise UserFacingError(f"baseline {baseline!r} is not one of the models: {', '.join(model_dirs)}")
     for d in model_dirs.values():  # fail on a bad folder before loading any weights
         read_metadata(d)
+    from t2ialign.data.files import prepare_output_dir  # here: t2ialign.data imports datasets (slow)
+
+    prepare_output_dir(out_dir, "--out")  # and on an --out that is a file, before scoring for minutes
     scorer_objs = None
     tables, info = {}, {}
     names = None
@@ -151,6 +173,6 @@ def evaluate(model_dirs, scorers, out_dir: str, baseline: str | None = None, dev
         if os.path.isfile(meta_path):
             with open(meta_path) as fh:
                 info.update({k: v for k, v in json.load(fh).items() if k in wanted and k not in info})
-    return write_report(out_dir, tables, scorers=names, image_roots=dict(model_dirs), baseline=baseline, n_boot=n_boot, ci=ci,
-                        seed=seed, scorer_info=info, title=title, max_grid_prompts=max_grid_prompts, runs=run_metrics,
+    return write_report(out_dir, tables, scorers=names, image_roots=dict(model_dirs), baseline=baseline, n_boot=n_boot,
+                        ci=ci, seed=seed, scorer_info=info, title=title, max_grid_prompts=max_grid_prompts, runs=run_metrics,
                         sweep=sweep_summary)

@@ -219,10 +219,20 @@ def render_html(report: dict, plot_uris: dict, samples: list, curves: dict | Non
 
 
 # -- report -------------------------------------------------------------------------------------------------
+REPORT_KEPT = "nothing else was changed, and a rerun writes the report again (eval reuses the scores.jsonl it saved)"
+
+
+def _saving(path):
+    """A report file's write; a full or read-only disk becomes one line (t2ialign.data.files.reported_write)."""
+    from t2ialign.data.files import reported_write  # here: t2ialign.data imports datasets (slow)
+
+    return reported_write(path, REPORT_KEPT)
+
+
 def _write_png(out_dir, name, data, paths):
     if data:
         paths[name] = os.path.join(out_dir, name)
-        with open(paths[name], "wb") as fh:
+        with _saving(paths[name]), open(paths[name], "wb") as fh:
             fh.write(data)
 
 
@@ -253,7 +263,9 @@ def write_report(out_dir: str, tables: dict, scorers=None, image_roots: dict | N
     """
     if tables and all(isinstance(v, dict) for v in tables.values()):
         tables = tables_from_arrays(tables)
-    os.makedirs(out_dir, exist_ok=True)
+    from t2ialign.data.files import prepare_output_dir  # here: t2ialign.data imports datasets (slow)
+
+    prepare_output_dir(out_dir, "report folder")
     runs, sweep = _training_runs(runs), read_sweep(sweep) if sweep else None
     report, wrs = build_report(tables, scorers, baseline, pairs, n_boot, ci, seed, scorer_info, title, settings)
     paths = {}
@@ -265,16 +277,17 @@ def write_report(out_dir: str, tables: dict, scorers=None, image_roots: dict | N
                             [s["prompt"] for s in samples], thumb_size)
     if grid is not None:
         paths["grid.png"] = os.path.join(out_dir, "grid.png")
-        grid.save(paths["grid.png"])
+        with _saving(paths["grid.png"]):
+            grid.save(paths["grid.png"])
 
     report.update(reward_over_training=curves or None, training_runs={n: _run_summary(r) for n, r in runs.items()} or None,
                   rlg_sweep=sweep)
     report["files"] = {k: os.path.basename(v) for k, v in paths.items()}
     paths["report.json"] = os.path.join(out_dir, "report.json")
-    with open(paths["report.json"], "w", encoding="utf-8") as fh:
+    with _saving(paths["report.json"]), open(paths["report.json"], "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2, ensure_ascii=False, default=float)
     html = render_html(report, {k.removesuffix(".png"): _data_uri(v) for k, v in pngs.items()}, samples, curves, runs, sweep)
     paths["report.html"] = os.path.join(out_dir, "report.html")
-    with open(paths["report.html"], "w", encoding="utf-8") as fh:
+    with _saving(paths["report.html"]), open(paths["report.html"], "w", encoding="utf-8") as fh:
         fh.write(html)
     return paths

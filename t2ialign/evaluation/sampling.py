@@ -9,6 +9,7 @@ so two models sampled with the same config start from identical noise (the paper
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -39,6 +40,11 @@ def initial_latents(pipe, seeds: list[int], height: int, width: int) -> torch.Te
     return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
+def sampling_dtype(config: SampleConfig, device: str) -> str:
+    """The precision the pipeline really runs at: ``config.dtype`` on a GPU, fp32 on the CPU."""
+    return config.dtype if torch.device(device).type != "cpu" else "fp32"
+
+
 def _done_files(output_dir: Path) -> set:
     meta = output_dir / "metadata.jsonl"
     if not meta.is_file():
@@ -50,6 +56,28 @@ def _done_files(output_dir: Path) -> set:
             if (output_dir / row["file"]).is_file():
                 done.add(row["file"])
     return done
+
+
+def _drop_torn_tail(meta: Path) -> None:
+    """Cut a last line without its newline (a run killed mid-write): rows appended after it would join it."""
+    if not meta.is_file():
+        return
+    data = meta.read_bytes()
+    if data and not data.endswith(b"\n"):
+        os.truncate(meta, data.rfind(b"\n") + 1)
+
+
+def _write_sample_config(config: SampleConfig, device: str, output_dir: Path) -> None:
+    """What produced the images: the device and dtype actually used (a CPU run is fp32 whatever was asked)."""
+    from t2ialign.data.files import reported_write
+    recorded = {**asdict(config), "device": device, "dtype": sampling_dtype(config, device)}
+    if (recorded["device"], recorded["dtype"]) != (config.device, config.dtype):
+        recorded["requested"] = {"device": config.device, "dtype": config.dtype}
+    path = output_dir / "sample_config.json"
+    tmp = path.with_suffix(".json.tmp")
+    with reported_write(path, "the images and metadata.jsonl rows there are intact", cleanup=tmp):
+        tmp.write_text(json.dumps(recorded, indent=2))
+        os.replace(tmp, path)
 
 
 def _jobs(config: SampleConfig, records, done: set) -> list[dict]:
@@ -71,7 +99,7 @@ def build_sampler(config: SampleConfig, device: str):
     """The pipeline to sample from, and extra call kwargs (RL guidance wraps the base pipeline)."""
     from t2ialign.models.pipeline import load_pipeline
 
-    dtype = DTYPES[config.dtype] if device != "cpu" else torch.float32
+    dtype = DTYPES[sampling_dtype(config, device)]
     if config.guide_with:
         from t2ialign.guidance import rlg_pipeline
 
@@ -99,20 +127,22 @@ def _apply_speed_levers(config: SampleConfig, pipe) -> None:
 
 def sample(config: SampleConfig, records=None) -> Path:
     """Sample ``config.prompts`` (or the given prompt records) into ``config.output_dir``; returns it."""
+    from t2ialign.data.files import prepare_output_dir
     from t2ialign.evaluation.prompts import load_prompt_set
 
     records = records if records is not None else load_prompt_set(config.prompts, limit=config.limit)
-    output_dir = Path(config.output_dir)
-    (output_dir / "images").mkdir(parents=True, exist_ok=True)
-    (output_dir / "sample_config.json").write_text(json.dumps(asdict(config), indent=2))
+    output_dir = prepare_output_dir(config.output_dir, "output_dir (--out)")
+    prepare_output_dir(output_dir / "images", "output_dir (--out)")
+    device = pick_device(config.device)
+    _write_sample_config(config, device, output_dir)
+    _drop_torn_tail(output_dir / "metadata.jsonl")
     jobs = _jobs(config, records, _done_files(output_dir))
     if not jobs:
         return output_dir
-    device = pick_device(config.device)
     pipe, extra = build_sampler(config, device)
     size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    bar = tqdm(total=len(jobs), desc=f"sampling {output_dir.name}", unit="img", disable=not config.progress_bar)
-    with open(output_dir / "metadata.jsonl", "a") as meta:
+    # a context: the bar ends its line on an error too, so the CLI's one-line error starts a line of its own
+    with tqdm(total=len(jobs), desc=f"sampling {output_dir.name}", unit="img", disable=not config.progress_bar) as bar:
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
             seeds = [job["seed"] for job in batch]
@@ -122,16 +152,40 @@ def sample(config: SampleConfig, records=None) -> Path:
                 num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                 generator=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds], **extra,
             ).images
-            for job, image in zip(batch, images):
-                _save_atomic(image, output_dir / job["file"])
-                meta.write(json.dumps(job) + "\n")
-            meta.flush()
+            _save_batch(output_dir, batch, images)
             bar.update(len(batch))
-    bar.close()
     return output_dir
 
 
+KEPT = "the images and metadata.jsonl rows written before are intact, and a rerun continues from them"
+
+
+def _save_batch(output_dir: Path, batch: list, images: list) -> None:
+    """Images first (each atomically), then their metadata rows in one append: a row never names a missing image."""
+    for job, image in zip(batch, images):
+        _save_atomic(image, output_dir / job["file"])
+    _append_rows(output_dir / "metadata.jsonl", batch)
+
+
 def _save_atomic(image, path: Path) -> None:
+    from t2ialign.data.files import reported_write
+
     tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with reported_write(path, KEPT, cleanup=tmp):
+        image.save(tmp)
+        os.replace(tmp, path)
+
+
+def _append_rows(path: Path, rows: list) -> None:
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    from t2ialign.data.files import reported_write
+
+    size = path.stat().st_size if path.exists() else 0
+    with reported_write(path, KEPT):
+        try:
+            with open(path, "ab") as handle:
+                handle.write(data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)  # no torn row: the rerun samples these images again
+            raise

@@ -120,6 +120,7 @@ def rlg_sweep(base_config, scales: Sequence[float], scorers: Mapping[str, object
     config's prompt set). Returns what ``sweep.json`` holds. Interrupted sweeps resume (images and scores kept).
     """
     from t2ialign.config import ConfigError
+    from t2ialign.data.files import prepare_output_dir, reported_write
     from t2ialign.evaluation.sampling import sample
 
     aligned = base_config.guide_with or base_config.aligned
@@ -130,8 +131,7 @@ def rlg_sweep(base_config, scales: Sequence[float], scorers: Mapping[str, object
     scales = [float(w) for w in scales]
     if not scales or len({scale_key(w) for w in scales}) != len(scales):
         raise ConfigError(f"scales: give distinct values, got {scales}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir, "--out")
     rows_by_key, dirs = {}, {}
     for w in scales:
         key = scale_key(w)
@@ -153,6 +153,8 @@ def rlg_sweep(base_config, scales: Sequence[float], scorers: Mapping[str, object
         plot_sweep(sweep, output_dir / SWEEP_PNG)
         sweep["plot"] = SWEEP_PNG
     tmp = output_dir / (SWEEP_JSON + ".tmp")
-    tmp.write_text(json.dumps(sweep, indent=2))
-    os.replace(tmp, output_dir / SWEEP_JSON)
+    with reported_write(output_dir / SWEEP_JSON, "every scale's images and scores.jsonl are intact: a rerun reuses them",
+                        cleanup=tmp):
+        tmp.write_text(json.dumps(sweep, indent=2))
+        os.replace(tmp, output_dir / SWEEP_JSON)
     return sweep

@@ -142,6 +142,8 @@ _ALIASES = {"hpsv2.1": "hpsv21", "hps": "hpsv21", "hpsv20": "hpsv2", "hpsv2.0": 
 
 def canonical_scorer_name(name: str) -> str:
     """``"HPS-v2.1"`` -> ``"hpsv21"`` (the name scores are stored under)."""
+    if ":" in name:  # a user callable ``module:function`` (scoring/user.py): stored under the spec as written
+        return name.strip()
     key = name.strip().lower().replace("-", "").replace("_", "")
     return _ALIASES.get(key, key)
 
@@ -149,6 +151,10 @@ def canonical_scorer_name(name: str) -> str:
 def get_scorer(name: str, path_or_id: str | None = None, device=None, dtype=torch.float32, **kwargs) -> Scorer:
     """A scorer by registry name, weights from ``path_or_id`` (local path or hub id; None = official)."""
     key = canonical_scorer_name(name)
+    if ":" in key:  # a user callable ``module:function`` (scoring/user.py)
+        from .user import user_scorer
+
+        return user_scorer(key, **kwargs)
     if key not in _REGISTRY:
         import difflib
 
@@ -161,7 +167,7 @@ def get_scorer(name: str, path_or_id: str | None = None, device=None, dtype=torc
 def parse_scorer_list(spec: str | Sequence[str]) -> list[str]:
     """``"pickscore,hpsv21"`` -> ``["pickscore", "hpsv21"]`` (validated against the registry)."""
     names = [canonical_scorer_name(s) for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    unknown = [n for n in names if n not in _REGISTRY]
+    unknown = [n for n in names if n not in _REGISTRY and ":" not in n]  # ':' = user callable, checked on load
     if unknown:
         raise UserFacingError(f"unknown scorer(s) {', '.join(unknown)}; available: {', '.join(sorted(_REGISTRY))}")
     if not names:
@@ -201,14 +207,28 @@ def resolve_file(path_or_id: str, default_filename: str | None, what: str, flag_
 def load_hf(cls, path_or_id: str, what: str, flag_hint: str, **kwargs):
     """``cls.from_pretrained`` with a short ModelNotFoundError when the weights are not reachable
     (offline: from the cache only, and at once when the repo is not cached)."""
+    from .weights import invalid_weights, is_weights_file_error
+
     require_cached(path_or_id, what, flag_hint)
     kwargs.setdefault("local_files_only", local_only())
     try:
         return cls.from_pretrained(path_or_id, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if is_weights_file_error(exc):  # transformers passes torch's text on, which suggests weights_only=False
+            raise invalid_weights(_weights_files(path_or_id), what, exc) from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         fix = f"Fix: {flag_hint}" if os.path.exists(path_or_id) else fix_hint(path_or_id, flag_hint)
         raise ModelNotFoundError(f"{what}: {offline_note()}could not load {path_or_id!r} ({first}). {fix}") from None
+
+
+def _weights_files(path_or_id: str) -> str:
+    """The weights file(s) of a local model directory, for messages; else the path or hub id itself."""
+    if not os.path.isdir(path_or_id):
+        return path_or_id
+    names = sorted(f for f in os.listdir(path_or_id) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
+    return os.path.join(path_or_id, names[0]) if len(names) == 1 else f"{path_or_id} ({', '.join(names) or 'no weights'})"
 
 
 def features(out) -> torch.Tensor:

@@ -135,7 +135,9 @@ class AestheticMLP(nn.Module):
 
     @classmethod
     def from_file(cls, path: str) -> "AestheticMLP":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from .weights import load_weights_file
+
+        state = load_weights_file(path, "aesthetic MLP")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         mlp = cls(int(state["layers.0.weight"].shape[1]))

@@ -54,22 +54,30 @@ class HPSScorer(Scorer):
         return (img * txt).sum(-1)
 
     @staticmethod
-    def load_checkpoint(model: torch.nn.Module, path: str) -> torch.nn.Module:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    def read_checkpoint(path: str) -> dict:
+        """The open_clip state dict of an official HPS file (``{'state_dict': ...}``, ``module.`` prefixes removed)."""
+        from .weights import load_weights_file
+
+        ckpt = load_weights_file(path, "HPS checkpoint")
         state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
         if all(k.startswith("module.") for k in state):
             state = {k[len("module."):]: v for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
+        return state
+
+    @classmethod
+    def load_checkpoint(cls, model: torch.nn.Module, path: str) -> torch.nn.Module:
+        model.load_state_dict(cls.read_checkpoint(path), strict=True)
         return model
 
     @classmethod
     def from_checkpoint(cls, path: str, version: str = "v2.1", model_name: str = "ViT-H-14", model=None, tokenizer=None, **kwargs):
         """Build ``model_name`` with open_clip (or use ``model``) and load an official HPS ``.pt``."""
+        state = cls.read_checkpoint(path)  # first: a bad file fails before a ViT-H (1B parameters) is built
         if model is None:
             import open_clip
 
             model = open_clip.create_model(model_name, pretrained=None)
-        cls.load_checkpoint(model, path)
+        model.load_state_dict(state, strict=True)
         scorer = cls(model, tokenizer, version=version, **kwargs)
         scorer.info["weights"] = path
         return scorer

@@ -206,11 +206,9 @@ def split_official_state_dict(state: dict) -> tuple[dict, dict]:
 
 
 def load_state_dict_file(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from .weights import load_weights_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return load_weights_file(path, "HPSv3 checkpoint", mmap=True)
 
 
 def build_from_official(config, state: dict, reward_token_id: int) -> HPSv3Model:

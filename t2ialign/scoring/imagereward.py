@@ -161,7 +161,9 @@ class ImageRewardScorer(Scorer):
     def from_checkpoint(cls, ckpt_path: str, med_config_path: str, tokenizer="bert-base-uncased", vision_kwargs=None, **kwargs):
         with open(med_config_path) as fh:
             med = json.load(fh)
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        from .weights import load_weights_file
+
+        state = load_weights_file(ckpt_path, "ImageReward checkpoint")
         if isinstance(state, dict) and "state_dict" in state and not any(k.startswith("blip.") for k in state):
             state = state["state_dict"]
         parts = convert_official_state_dict(state)

@@ -230,11 +230,12 @@ class MPSScorer(_CLIPModelScorer):
         from transformers import AutoTokenizer, CLIPConfig
 
         path = resolve_mps_checkpoint(path_or_id or MPS_HUB_ID)
+        state = load_mps_state_dict(path)  # first: the file the user named is checked before any hub lookup
         clip_id = clip_id or MPS_CLIP_ID
         config = load_hf(CLIPConfig, clip_id, "MPS backbone config", f"pass clip_id=<local copy of {MPS_CLIP_ID}>")
         if tokenizer is None:
             tokenizer = _load_tokenizer(AutoTokenizer, [clip_id], "MPS tokenizer", f"pass clip_id=<local copy of {MPS_CLIP_ID}>")
-        scorer = cls.from_state_dict(load_mps_state_dict(path), config, tokenizer, device=device, dtype=dtype, **kwargs)
+        scorer = cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, **kwargs)
         scorer.info.update(weights=path, clip=clip_id)
         return scorer
 
@@ -301,10 +302,30 @@ def _module_tensors(obj, prefix=""):
             yield from _module_tensors(sub, prefix + name + ".")
 
 
+# Globals a pickled model never names but code-running pickles do: refused outright, not given a placeholder
+# (a placeholder would run nothing, but such a file is not the checkpoint it claims to be)
+CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pickle", "marshal",
+                "ctypes", "code", "pty", "webbrowser", "multiprocessing")
+CODE_BUILTINS = ("eval", "exec", "compile", "getattr", "setattr", "delattr", "__import__", "open", "globals", "vars",
+                 "breakpoint", "input")
+
+
+def refuse_code_globals(path: str, names: list) -> None:
+    from .weights import WeightsFileError, names_object
+
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        if module.split(".")[0] in CODE_MODULES or (module == "builtins" and attr in CODE_BUILTINS):
+            raise WeightsFileError(f"MPS checkpoint: {path} is not a valid, safe weights file ({names_object(name)}). "
+                                   f"Nothing in it was run. Fix: download {MPS_FILE} again (link in "
+                                   "github.com/Kwai-Kolors/MPS), or convert a copy you trust to .safetensors")
+
+
 def load_pickled_module_tensors(path: str) -> dict:
     """The state dict of a pickled whole-module file without importing or running its classes:
     ``torch.load(weights_only=True)`` with each non-allowlisted global mapped to a ``_Placeholder``."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    refuse_code_globals(path, names)
     stand_ins = [(type(n.rsplit(".", 1)[-1], (_Placeholder,), {"qualified_name": n}), n) for n in names]
     with torch.serialization.safe_globals(stand_ins):
         root = torch.load(path, map_location="cpu", weights_only=True)
@@ -314,12 +335,22 @@ def load_pickled_module_tensors(path: str) -> dict:
 
 
 def load_mps_state_dict(path: str) -> dict:
-    """Tensors of an MPS checkpoint: the official pickled model, a state dict, or safetensors."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Tensors of an MPS checkpoint: the official pickled model, a state dict, or safetensors;
+    WeightsFileError (one line, never suggesting an unsafe load) for anything else."""
+    from .weights import WeightsFileError, invalid_weights, load_weights_file
 
-        return load_file(path)
-    return load_pickled_module_tensors(path)
+    if path.endswith(".safetensors"):
+        return load_weights_file(path, "MPS checkpoint")
+    try:
+        state = load_pickled_module_tensors(path)
+    except WeightsFileError:
+        raise
+    except Exception as exc:  # only the read is inside: every failure here is the file's
+        raise invalid_weights(path, "MPS checkpoint", exc) from None
+    if not state:
+        raise WeightsFileError(f"MPS checkpoint: {path} holds no tensors, so it is not an MPS checkpoint. "
+                               f"Fix: download {MPS_FILE} again")
+    return state
 
 
 def split_mps_state_dict(state: dict) -> dict[str, dict]:

@@ -291,11 +291,9 @@ _WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
 
 
 def _load_tensor_file(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from .weights import load_weights_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return load_weights_file(path, "VQAScore weights", mmap=True)
 
 
 def _sibling(src: str, found: str, name: str, hint: str) -> str:

@@ -472,3 +472,44 @@ def test_images_below_the_floor_are_bad_rows_whatever_min_image_size_says(tmp_pa
     samples = [pairs[i] for i in range(len(pairs))]
     assert all(3 not in s["rows_read"][-1:] for s in samples)  # row 3 is never the row a sample used
     assert pairs.bad_row_summary() == "bad rows: 1 of 6 rows read: skipped 1 (tiny_image=1 rows [3])"
+
+
+def test_mixed_precision_no_is_the_word_in_yaml_and_in_set(tmp_path):
+    """YAML 1.1 reads `no` as False; `mixed_precision: no` (and --set mixed_precision=no) still means "no"."""
+    from t2ialign.config import load_train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  pretrained: x\ndata:\n  dataset: y\nmixed_precision: no\n")
+    assert load_train_config(str(path)).mixed_precision == "no"
+    path.write_text("model:\n  pretrained: x\ndata:\n  dataset: y\n")
+    assert load_train_config(str(path), ["mixed_precision=no"]).mixed_precision == "no"
+
+
+def test_train_into_an_output_dir_that_is_a_file_is_one_line(tmp_path, tiny_sdxl_dir, pickapic_parquet):
+    from helpers.runs import cli, one_line_error, write_config
+
+    blocker = tmp_path / "out"
+    blocker.write_text("my notes")
+    config = write_config(tmp_path / "c.yaml", tiny_sdxl_dir, pickapic_parquet, blocker)
+    line = one_line_error(cli("train", str(config)))
+    assert f"output_dir: {blocker} is a file, not a folder" in line and blocker.read_text() == "my notes"
+
+
+def test_train_summary_counts_the_bad_rows_dataloader_workers_met(tmp_path, tiny_sdxl_dir, caplog):
+    """With data.num_workers > 0 the rows are read in worker processes; the end-of-training line still counts them."""
+    import logging
+
+    from t2ialign.config import load_train_config
+    from t2ialign.data import write_pickapic_parquet
+    from t2ialign.training import train
+
+    parquet = write_pickapic_parquet(tmp_path / "rows.parquet", 8, seed=6, bad_rows={"undecodable": 2})
+    from helpers.runs import write_config
+
+    raw = yaml.safe_load(write_config(tmp_path / "c.yaml", tiny_sdxl_dir, parquet, tmp_path / "run", max_steps=2,
+                                      checkpoint_every=0).read_text())
+    raw["data"]["num_workers"] = 2
+    with caplog.at_level(logging.INFO, logger="t2ialign.training.loop"):
+        train(load_train_config(data=raw))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert "undecodable_image=" in line and not line.startswith("data: bad rows: 0 "), line

@@ -60,7 +60,7 @@ def test_keep_last_checkpoints_and_safe_formats(reference_run):
     assert checkpoints(reference_run) == ["checkpoint-00000003", "checkpoint-00000004"]
     ckpt = reference_run / "checkpoint-00000004"
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["lr_scheduler.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+    assert names == ["config.yaml", "lr_scheduler.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
                      "rng_state_0.json", "rng_state_0.safetensors", "trainer_state.json"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["micro_step"] == 8 and state["format"] == "t2ialign-safetensors-v1"

@@ -20,6 +20,7 @@ from torch import nn
 from t2ialign.errors import ModelNotFoundError, UserFacingError
 from t2ialign.scoring import HPSv3Scorer, available_scorers, get_scorer
 from t2ialign.scoring import hpsv3 as H
+from helpers.images import random_image
 
 # hpsv3/dataset/data_collator_qwen.py:11-32, verbatim (four lines end in spaces)
 OFFICIAL_INSTRUCTION = """
@@ -77,14 +78,7 @@ CASES = [(512, 512, "RGB"), (301, 200, "RGB"), (200, 517, "RGBA"), (320, 240, "L
          (448, 448, "RGB")]
 
 
-def _image(w, h, mode="RGB", seed=0):
-    rs = np.random.RandomState(seed)
-    im = Image.fromarray(rs.randint(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
-    if mode == "RGBA":
-        im.putalpha(Image.fromarray(rs.randint(0, 256, (h, w), dtype=np.uint8)))
-    elif mode == "L":
-        im = im.convert("L")
-    return im
+_image = random_image
 
 
 # ----------------------------------------------------------------------------------------------------

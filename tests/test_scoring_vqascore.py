@@ -18,6 +18,7 @@ from PIL import Image
 from t2ialign.errors import ModelNotFoundError
 from t2ialign.scoring import VQAScoreScorer, available_scorers, get_scorer, tiny
 from t2ialign.scoring.vqascore import pad_fill_colour, to_official_state_dict, vqascore_preprocess
+from helpers.images import random_image
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -28,14 +29,7 @@ SYSTEM_CHUNK = ("A chat between a curious user and an artificial intelligence as
 QUESTION_CHUNK = '\nDoes this figure show "{}"? Please answer yes or no. ASSISTANT: '
 
 
-def _image(w, h, mode="RGB", seed=0):
-    rs = np.random.RandomState(seed)
-    im = Image.fromarray(rs.randint(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
-    if mode == "RGBA":
-        im.putalpha(Image.fromarray(rs.randint(0, 256, (h, w), dtype=np.uint8)))
-    elif mode == "L":
-        im = im.convert("L")
-    return im
+_image = random_image
 
 
 CASES = [(336, 336, "RGB"), (301, 200, "RGB"), (200, 517, "RGB"), (230, 300, "RGBA"), (320, 240, "L"), (512, 512, "RGB")]

@@ -61,6 +61,8 @@ def _coerce(value: Any, tp, key: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if base is str:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false as False: `mixed_precision: no` means the word
+            return "no" if value is False else "yes"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)

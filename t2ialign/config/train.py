@@ -43,7 +43,7 @@ class DataConfig:
     time_ids: str = "measured"
     drop_ties: bool = True
     max_rows: Optional[int] = None
-    min_image_size: int = 0  # rows whose image is smaller (shortest side) are skipped
+    min_image_size: int = 0  # shortest side below this -> bad row; below 8 px always (badrows.MIN_IMAGE_SIDE, the VAE factor)
     model_names: Optional[list] = None  # keep rows whose model_0 and model_1 are in this list
     drop_duplicates: bool = True
     shuffle_seed: int = 0
@@ -112,6 +112,12 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimizer steps; 0 disables periodic checkpoints
     keep_last_checkpoints: int = 2
     resume: Optional[str] = None  # "latest" or a checkpoint directory
+    # a new run (no resume) into an output_dir that holds another run is refused unless this is true; then the old
+    # run's checkpoints, final/, metrics.jsonl, config.yaml and logs/ are deleted first (t2ialign.training.run_dir)
+    overwrite_output_dir: bool = False
+    # resume with settings that differ from the checkpoint's config beyond the always-allowed ones (max_steps,
+    # log_every, ...); settings that change the model or its state are refused even then (training/config_check.py)
+    allow_config_change: bool = False
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | wandb | none
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
@@ -210,6 +216,9 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
         )
     if config.model.policy_dtype == "bf16":
         _check_bf16_policy(config)
+    if config.overwrite_output_dir and config.resume:
+        raise ConfigError(f"overwrite_output_dir: true deletes the run that resume={config.resume!r} would continue; "
+                          "use one of them (--overwrite or --set resume=...)")
     if config.keep_last_checkpoints < 1:
         raise ConfigError(f"keep_last_checkpoints: must be at least 1, got {config.keep_last_checkpoints}")
     if config.max_bad_steps < 1:

@@ -46,8 +46,11 @@ class ResumableBatchSampler(Sampler):
 
 
 def make_loader(dataset, collate_fn, sampler: ResumableBatchSampler, num_workers: int) -> DataLoader:
-    # pinned batches let the step copy them to the GPU with non_blocking=True (no wait for queued kernels)
+    from t2ialign.training.signals import ignore_stop_signals
+
+    # pinned batches let the step copy them to the GPU with non_blocking=True (no wait for queued kernels);
+    # workers ignore SIGTERM/SIGINT so that the step in flight when one arrives can finish (training/signals.py)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals if num_workers else None,
     )

@@ -11,6 +11,7 @@ Layout (single process and DDP; no pickle anywhere):
 * ``lr_scheduler.json``            the LR schedule's state dict
 * ``rng_state_<rank>.safetensors`` + ``rng_state_<rank>.json``  torch CPU/CUDA, numpy, python RNGs
 * ``grad_scaler.json``             fp16 loss-scaler state (fp16 runs only)
+* ``config.yaml``                  the run's config: a resume compares it with its own (training/config_check.py)
 * ``trainer_state.json``           step counters (``micro_step``: data position and noise stream),
   bad-step counters, the open metric-averaging window; written last
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from t2ialign.errors import UserFacingError
 
@@ -48,6 +50,7 @@ TMP_SUFFIX = ".tmp"
 TRASH_SUFFIX = ".deleting"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
 FORMAT_SAFE = "t2ialign-safetensors-v1"
 FORMAT_ACCELERATE = "accelerate-sharded-v1"  # DeepSpeed / FSDP / XLA: model + optimizer via accelerate
 KILL_ENV = "T2IALIGN_TEST_KILL"
@@ -247,8 +250,11 @@ def uses_accelerate_format(accelerator) -> bool:
     return accelerator.distributed_type in sharded
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_last: int, *, model, optimizer, lr_scheduler) -> Path:
-    """Save on every process (each writes its RNG state), publish atomically on rank 0, prune to ``keep_last``."""
+def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_last: int, *, model, optimizer, lr_scheduler,
+                    config: Optional[dict] = None) -> Path:
+    """Save on every process (each writes its RNG state), publish atomically on rank 0, prune to ``keep_last``.
+
+    ``config``: the run's config (``to_dict``), stored with the state it produced."""
     final = checkpoint_dir(output_dir, state.global_step)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     if accelerator.is_main_process and tmp.exists():
@@ -273,6 +279,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_las
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None:
             save_state_dict(scaler.state_dict(), tmp, "grad_scaler")
+        if config is not None:
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         record = dataclasses.replace(state, format=FORMAT_ACCELERATE if sharded else FORMAT_SAFE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(record), indent=2))  # last: marks the save complete
         _fsync_dir(tmp)

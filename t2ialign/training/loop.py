@@ -3,17 +3,20 @@
 Micro-step ``m`` reads a batch and draws its noise from a generator seeded by (seed, m, rank), so
 the run is a pure function of the config and the step counter: resuming from a checkpoint replays
 exactly what an uninterrupted run would have done.
+
+The output directory is the run's own (training/run_dir.py: lock, no run overwritten, config checked on
+resume), and SIGTERM / SIGINT stop it at an optimizer-step boundary with a checkpoint (training/signals.py).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from t2ialign.config import TrainConfig, to_dict
@@ -25,13 +28,12 @@ from t2ialign.training.checkpoint import (
     TrainerState,
     load_checkpoint,
     maybe_kill,
-    remove_incomplete,
-    resolve_resume,
     save_checkpoint,
     truncate_metrics,
 )
 from t2ialign.training.export import export_model
 from t2ialign.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+from t2ialign.training.run_dir import RunStart, open_run_dir, record_start
 from t2ialign.training.setup import (
     build_dataset,
     build_policy_and_reference,
@@ -39,6 +41,7 @@ from t2ialign.training.setup import (
     load_training_components,
     make_accelerator,
 )
+from t2ialign.training.signals import StopRequest, TrainingInterrupted, agreed_signal
 from t2ialign.training.step import StepModels, preference_step
 
 logger = logging.getLogger(__name__)
@@ -109,12 +112,19 @@ def train(config: TrainConfig) -> TrainResult:
     check_model_source(config)
     accelerator = make_accelerator(config)
     _check_engine_compat(config, accelerator)
+    # the directory is this run's from here on (lock, no other run overwritten, config safe to resume with);
+    # a refusal is raised on every rank in seconds, before any model loads
+    start, lock = open_run_dir(config, accelerator)
+    try:
+        with StopRequest() as stop:
+            return _train(config, accelerator, start, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest) -> TrainResult:
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        remove_incomplete(output_dir)  # checkpoint-*.tmp left by a crash during a save
-    accelerator.wait_for_everyone()
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -137,7 +147,7 @@ def train(config: TrainConfig) -> TrainResult:
     models = StepModels(policy, accelerator.unwrap_model(policy), reference, components, lora=config.lora.enabled)
 
     state = TrainerState()
-    resume_from = resolve_resume(output_dir, config.resume)
+    resume_from = Path(start.resume_from) if start.resume_from else None
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, model=policy, optimizer=optimizer, lr_scheduler=lr_scheduler)
         _warn_on_changed_layout(config, accelerator, state, resume_from)
@@ -146,7 +156,9 @@ def train(config: TrainConfig) -> TrainResult:
     state.train_batch_size = config.train_batch_size
     state.gradient_accumulation_steps = config.gradient_accumulation_steps
     if accelerator.is_main_process:
-        # lines a crashed run wrote after its last checkpoint are written again below; a fresh run starts a new log
+        # written once the run is set up: a run that fails to load its model or data leaves no run behind
+        record_start(config, start, state.global_step)
+        # lines a crashed run wrote after its last checkpoint are written again below
         truncate_metrics(output_dir / "metrics.jsonl", state.global_step)
     if accelerator.is_main_process and config.report_to != "none":
         init_kwargs = {"tensorboard": {"purge_step": state.global_step + 1}} if resume_from and config.report_to == "tensorboard" else {}
@@ -155,8 +167,10 @@ def train(config: TrainConfig) -> TrainResult:
     sampler = ResumableBatchSampler(
         len(dataset), config.train_batch_size, config.seed, accelerator.process_index, accelerator.num_processes, state.micro_step
     )
-    batches = iter(make_loader(dataset, collate, sampler, config.data.num_workers))
-    _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable)
+    batches = _merging_bad_rows(iter(make_loader(dataset, collate, sampler, config.data.num_workers)),
+                                getattr(dataset, "report", None))
+    saver = CheckpointSaver(config, accelerator, models.policy, optimizer, lr_scheduler, resume_from, state.global_step)
+    _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable, saver, stop)
 
     export_dir = output_dir / "final"
     if config.model.policy_dtype != "fp32":  # export the fp32 masters, not their bf16 rounding
@@ -167,8 +181,42 @@ def train(config: TrainConfig) -> TrainResult:
     summary = getattr(dataset, "bad_row_summary", None)
     if accelerator.is_main_process and callable(summary):
         logger.info("data: %s", summary())
+    if stop.signum and accelerator.is_main_process:
+        logger.warning("received %s after the last step: the run is complete", signal.Signals(stop.signum).name)
     accelerator.end_training()
     return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped)
+
+
+class CheckpointSaver:
+    """Writes checkpoints (with the run's config) and remembers the last one: a stop right after a periodic
+    save, or before the first step of a resumed run, does not write the same state twice."""
+
+    def __init__(self, config, accelerator, model, optimizer, lr_scheduler, resumed_from, step: int):
+        self.config, self.accelerator = config, accelerator
+        self.objects = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.step, self.path = (step, resumed_from) if resumed_from else (0, None)
+
+    def save(self, state: TrainerState) -> Path:
+        self.path = save_checkpoint(self.accelerator, Path(self.config.output_dir), state, self.config.keep_last_checkpoints,
+                                    config=to_dict(self.config), **self.objects)
+        self.step = state.global_step
+        return self.path
+
+    def latest(self, state: TrainerState):
+        """A checkpoint of the current state: the last one if nothing was trained since, else a new one."""
+        if state.global_step == self.step:
+            return self.path
+        return self.save(state)
+
+
+def _merging_bad_rows(batches, report):
+    """DataLoader workers count bad rows in their own copy of the dataset's report: merge what each batch met
+    into this process's, so the end-of-training summary covers every row read (counting is idempotent)."""
+    for batch in batches:
+        if report is not None and isinstance(batch, dict):
+            report.record_events(batch.get("bad_rows", ()))
+            report.record_read(batch.get("rows_read", ()))
+        yield batch
 
 
 def _check_engine_compat(config: TrainConfig, accelerator) -> None:
@@ -193,13 +241,15 @@ def _warn_on_changed_layout(config, accelerator, state: TrainerState, path):
         )
 
 
-def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable):
+def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable,
+               saver: CheckpointSaver, stop: StopRequest | None = None):
     log_path = Path(config.output_dir) / "metrics.jsonl"
     averager = MetricAverager(state)
     progress = tqdm(
         total=config.max_steps, initial=state.global_step, desc=f"{spec.name} training", unit="step",
         disable=not (config.progress_bar and accelerator.is_main_process),
     )
+    _stop_if_signalled(accelerator, stop, saver, state, progress)  # a signal during the set-up
     while state.global_step < config.max_steps:
         maybe_kill("micro_step", state.micro_step)  # test hook (T2IALIGN_TEST_KILL), see training/checkpoint.py
         batch = next(batches)
@@ -231,9 +281,22 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
                 "or resume from the last checkpoint with resume=latest"
             )
         if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, Path(config.output_dir), state, config.keep_last_checkpoints,
-                            model=models.policy, optimizer=optimizer, lr_scheduler=lr_scheduler)
+            saver.save(state)
+        _stop_if_signalled(accelerator, stop, saver, state, progress)
     progress.close()
+
+
+def _stop_if_signalled(accelerator, stop, saver: CheckpointSaver, state: TrainerState, progress) -> None:
+    """At an optimizer-step boundary: if any rank got SIGTERM/SIGINT, every rank checkpoints here and stops."""
+    signum = agreed_signal(accelerator, stop)
+    if not signum:
+        return
+    progress.close()
+    interrupted = TrainingInterrupted(signum, state.global_step, saver.latest(state) if state.global_step else None)
+    if accelerator.is_main_process:
+        logger.warning("%s", interrupted)
+    accelerator.end_training()  # flush the trackers (tensorboard events) as a finished run does
+    raise interrupted
 
 
 def _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state, averager):

@@ -172,3 +172,55 @@ def test_relabel_agreement_and_ties(pickapic_parquet, tmp_path):
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["agreement"]["agreement"] is None and summary["agreement"]["new_ties"] == len(old)
     assert summary["written_rows"] == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_pairs_and_leftovers_resume(toy_base, tmp_path):
+    """`t2ialign pairs build` in two torchrun processes (gloo on CPU) == the 1-process run, byte for byte; and a
+    run killed after one process's share resumes with one process to the same bytes (its rank files merged)."""
+    from t2ialign.cli import main
+    from t2ialign.config import SampleConfig
+    from t2ialign.evaluation.sampling import sample
+    from t2ialign.feedback.build import load_records
+
+    prompts = _prompts(tmp_path, 6)
+    # 12 images: sampler batches of 3 straddle prompts (rank 0: batches 0, 2; rank 1: 1, 3); scoring chunks of 5
+    # (rank 0: chunks 0, 2; rank 1: chunk 1)
+    argv = lambda out: ["pairs", "build", "--model", str(toy_base), "--prompts", str(prompts), "--num-images", "2",  # noqa: E731
+                        "--steps", "2", "--batch-size", "3", "--device", "cpu", "--dtype", "fp32", "--no-progress",
+                        "--scorers", "toy.vividness", "--scorer-batch-size", "5", "--strategy", "all", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "t2ialign", *argv(tmp_path / "two")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count("pairs: kept") == 1, proc.stdout  # one report, from the main process
+    assert main(argv(tmp_path / "one")) == 0
+    ref = (tmp_path / "one" / "train.parquet").read_bytes()
+    assert (tmp_path / "two" / "train.parquet").read_bytes() == ref
+    for name in ("summary.json", "image_scores.jsonl", "samples/metadata.jsonl"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert not list((tmp_path / "two").rglob("*.rank*.jsonl"))  # merged and removed
+
+    # process 1 of 2 alone (process 0 killed before writing anything): its batches, in its own metadata file
+    left = tmp_path / "left"
+    config = SampleConfig(pretrained=str(toy_base), prompts=str(prompts), num_images_per_prompt=2, num_inference_steps=2,
+                          batch_size=3, device="cpu", dtype="fp32", progress_bar=False, output_dir=str(left / "samples"))
+    sample(config, records=load_records(str(prompts)), shard=(1, 2))
+    rank_rows = [json.loads(line) for line in (left / "samples" / "metadata.rank1.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rank_rows] == [f"images/{p:05d}_{i}.png" for p, i in [(1, 1), (2, 0), (2, 1), (4, 1), (5, 0), (5, 1)]]
+    assert not (left / "samples" / "metadata.jsonl").exists()
+    # a scoring leftover too (chunk 1 of process 1, last line torn), then the rerun with one process
+    scores = (tmp_path / "one" / "image_scores.jsonl").read_text().splitlines(keepends=True)
+    (left / "image_scores.rank1.jsonl").write_text("".join(scores[5:10])[:-7])
+    assert main(argv(left)) == 0
+    assert (left / "train.parquet").read_bytes() == ref
+    assert not list(left.rglob("*.rank*.jsonl"))

@@ -21,7 +21,11 @@ scorer is z-normalised over all images of the run (mean 0, std 1) before the wei
 std units. A scorer is a registry name or a Python callable package.module:function.
 Strategies: best-worst (one pair per prompt: highest vs lowest score), all (every pair of the prompt's images).
 --min-margin drops pairs with |margin| below it in both; exact ties are always dropped.
-Interrupted runs resume: rerun the same command (same dataset bytes as an uninterrupted run)."""
+Interrupted runs resume: rerun the same command (same dataset bytes as an uninterrupted run).
+Several processes (GPUs) split the sampling and scoring; the dataset is byte-identical to a 1-process run:
+  accelerate launch --config_file configs/accelerate/ddp.yaml -m t2ialign pairs build --model BASE ... --out pairs/r1
+  ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m t2ialign pairs build ... --device cpu --out pairs/r1  (CPU)
+A killed multi-process run resumes with any number of processes."""
 
 RELABEL_HELP = """Score both images of every row of a Pick-a-Pic-schema dataset (parquet file/dir, save_to_disk dir or
 hub id) and replace label_0/label_1 by the scorer's preference (the old ones kept as orig_label_0/1).
@@ -105,6 +109,10 @@ def run_build(args) -> int:
                          min_margin=args.min_margin, out_dir=args.out, prompt_column=args.prompt_column,
                          scorer_options=_scorer_options(args), progress=args.progress)
     parquet = build_pairs(config)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one report, from the process that wrote the pairs
+        return 0
     summary = json.loads((parquet.parent / "summary.json").read_text())
     print(f"pairs: kept {summary['kept']} of {summary['candidates']} candidate pairs "
           f"(dropped {summary['dropped_near_tie']} near-ties below --min-margin {args.min_margin:g}, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -27,6 +28,7 @@ from datasets.exceptions import DatasetGenerationError
 from t2ialign.config import DataConfig
 from t2ialign.data.badrows import DUPLICATE, TIE, BadRowReport
 from t2ialign.data.local_files import check_data_files
+from t2ialign.data.tar_shards import load_tar_shards, tar_shards
 from t2ialign.errors import DataError
 from t2ialign.hub import fix_hint, offline_note, use_offline_mode_if_unreachable
 
@@ -76,6 +78,9 @@ def load_preference_dataset(cfg: DataConfig, report: Optional[BadRowReport] = No
 
 def load_raw(cfg: DataConfig) -> AnyDataset:
     """The dataset as stored, one split; DataError for a missing path or split."""
+    shards = tar_shards(cfg.dataset)  # webdataset .tar shards: a folder of them, a glob, or a list
+    if shards is not None:
+        return load_tar_shards(_tar_split(shards, cfg), cfg.streaming, cfg.label_columns, cfg.caption_column)
     source = str(cfg.dataset)
     path = Path(source).expanduser()
     if path.exists():
@@ -94,6 +99,22 @@ def load_raw(cfg: DataConfig) -> AnyDataset:
             + fix_hint(source, "set data.dataset=DIR (or a parquet/arrow file, or a save_to_disk directory)",
                        repo_type="dataset")
         ) from None
+
+
+def _tar_split(shards: list, cfg: DataConfig) -> list:
+    """Shards of ``cfg.split``: split-named ones (``train_00000.tar``, ``test/``) when the names carry splits,
+    else all of them are ``train`` (the webdataset mirror holds the train split only)."""
+    root = Path(os.path.commonpath([str(s.parent) for s in shards]))
+    named = {s: _file_split(s, root) for s in shards}
+    if any(named.values()):
+        chosen = [s for s, split in named.items() if split == cfg.split]
+        if chosen:
+            return chosen
+    elif cfg.split == "train":
+        return shards
+    found = sorted({split for split in named.values() if split})
+    raise DataError(f"data.split: no .tar shards for split '{cfg.split}' in {cfg.dataset}; splits found from file "
+                    f"names: {', '.join(found) or '(none: the shards form the train split)'}")
 
 
 def _load_local(path: Path, split: str, streaming: bool) -> AnyDataset:
@@ -161,7 +182,8 @@ def _split_files(directory: Path, split: str) -> list:
     )
 
 
-SPLIT_NAME = re.compile(r"^(train|validation|valid|test|[a-z]+_unique)(?=[-._])")
+# "*_unique" first: else "test_unique-0.parquet" (the hub layout) would match as "test"
+SPLIT_NAME = re.compile(r"^([a-z]+_unique|train|validation|valid|test)(?=[-._])")
 
 
 def _file_split(file: Path, root: Path) -> Optional[str]:

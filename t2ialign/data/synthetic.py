@@ -262,3 +262,29 @@ def read_injected_rows(path: Union[str, Path]) -> dict:
     metadata = pq.read_schema(path).metadata or {}
     raw = metadata.get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def write_pickapic_tars(directory: Union[str, Path], rows: list, *, shard_size: int = 8, prefix: str = "") -> list:
+    """Write Pick-a-Pic rows (``make_pickapic_rows``) as webdataset ``.tar`` shards in the layout of the
+    ``sayakpaul/pickapic_v2_webdataset`` mirror (docs/DATA.md): ``<key>.original_prompt.txt``,
+    ``<key>.jpg_0.jpg``, ``<key>.jpg_1.jpg``, ``<key>.label_0.txt``, ``<key>.label_1.txt``; the key restarts at 0
+    in each shard, as there. Shards are named ``<prefix>00000.tar``, ... Returns their paths."""
+    import io
+    import tarfile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, start in enumerate(range(0, len(rows), shard_size)):
+        path = directory / f"{prefix}{number:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for key, row in enumerate(rows[start:start + shard_size]):
+                members = {"original_prompt.txt": row["caption"].encode(), "jpg_0.jpg": row["jpg_0"],
+                           "jpg_1.jpg": row["jpg_1"], "label_0.txt": str(row["label_0"]).encode(),
+                           "label_1.txt": str(row["label_1"]).encode()}
+                for field, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{field}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -125,8 +126,13 @@ def _apply_speed_levers(config: SampleConfig, pipe) -> None:
     apply_speed_settings(config, *unets)
 
 
-def sample(config: SampleConfig, records=None) -> Path:
-    """Sample ``config.prompts`` (or the given prompt records) into ``config.output_dir``; returns it."""
+def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] = None) -> Path:
+    """Sample ``config.prompts`` (or the given prompt records) into ``config.output_dir``; returns it.
+
+    ``shard=(rank, world)``: one process of a multi-process run (``feedback.build``). It samples only batch b
+    of the full job list for b % world == rank (the batches a single process would draw, so the same bytes),
+    appends its rows to ``metadata.rank{rank}.jsonl`` (no two processes write one file), and only rank 0 writes
+    sample_config.json. The caller merges the rank files into metadata.jsonl once every process is done."""
     from t2ialign.data.files import prepare_output_dir
     from t2ialign.evaluation.prompts import load_prompt_set
 
@@ -134,9 +140,17 @@ def sample(config: SampleConfig, records=None) -> Path:
     output_dir = prepare_output_dir(config.output_dir, "output_dir (--out)")
     prepare_output_dir(output_dir / "images", "output_dir (--out)")
     device = pick_device(config.device)
-    _write_sample_config(config, device, output_dir)
-    _drop_torn_tail(output_dir / "metadata.jsonl")
+    rank, world = shard or (0, 1)
+    if rank == 0:
+        _write_sample_config(config, device, output_dir)
+    meta = "metadata.jsonl" if shard is None else f"metadata.rank{rank}.jsonl"
+    _drop_torn_tail(output_dir / meta)
     jobs = _jobs(config, records, _done_files(output_dir))
+    if shard is not None:
+        full = _jobs(config, records, set())
+        mine = {job["file"] for b, start in enumerate(range(0, len(full), config.batch_size)) if b % world == rank
+                for job in full[start : start + config.batch_size]}
+        jobs = [job for job in jobs if job["file"] in mine]
     if not jobs:
         return output_dir
     pipe, extra = build_sampler(config, device)
@@ -152,7 +166,7 @@ def sample(config: SampleConfig, records=None) -> Path:
                 num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                 generator=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds], **extra,
             ).images
-            _save_batch(output_dir, batch, images)
+            _save_batch(output_dir, batch, images, meta)
             bar.update(len(batch))
     return output_dir
 
@@ -160,11 +174,11 @@ def sample(config: SampleConfig, records=None) -> Path:
 KEPT = "the images and metadata.jsonl rows written before are intact, and a rerun continues from them"
 
 
-def _save_batch(output_dir: Path, batch: list, images: list) -> None:
+def _save_batch(output_dir: Path, batch: list, images: list, meta: str = "metadata.jsonl") -> None:
     """Images first (each atomically), then their metadata rows in one append: a row never names a missing image."""
     for job, image in zip(batch, images):
         _save_atomic(image, output_dir / job["file"])
-    _append_rows(output_dir / "metadata.jsonl", batch)
+    _append_rows(output_dir / meta, batch)
 
 
 def _save_atomic(image, path: Path) -> None:

@@ -7,6 +7,13 @@ Run folder::
     OUT/pairs_config.json     what produced the run (a rerun with other sampling settings is refused)
     OUT/train.parquet         the pairs (written atomically at the end)
     OUT/summary.json, OUT/summary.png   counts, settings, score distributions and the margin histogram
+
+Several processes (``accelerate launch`` / ``torchrun``, as for ``t2ialign cache``): process r of W samples
+the sampler batches b with b % W == r and scores the scoring chunks c with c % W == r (the batches and chunks
+one process would form, so the same images and scores), appending to its own ``samples/metadata.rank{r}.jsonl``
+and ``image_scores.rank{r}.jsonl``; the main process merges them (sorted by prompt and image index) once all
+are done and writes the same files as a single process. Leftover rank files of a killed run are merged at the
+start of the next one, whatever its number of processes.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from t2ialign.errors import UserFacingError
 
 from .ensemble import ensemble_scores, parse_weights
 from .schema import PARQUET_NAME, pair_columns, write_parquet_atomic, write_json_atomic
-from .scores import IMAGE_SCORES, score_images
+from .scores import IMAGE_SCORES, merge_scores, score_images
 from .strategies import make_pairs
 
 logger = logging.getLogger(__name__)
@@ -55,24 +62,64 @@ class PairsConfig:
 
 def build_pairs(config: PairsConfig) -> Path:
     """Run (or resume) the whole pipeline; returns ``OUT/train.parquet``."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     from t2ialign.evaluation.folders import read_metadata
     from t2ialign.evaluation.recipes import _build_scorers
     from t2ialign.evaluation.sampling import sample
 
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if config.sample.num_images_per_prompt < 2:
         raise UserFacingError("--num-images: pairs need at least 2 images per prompt")
-    sample_config = dataclasses.replace(config.sample, output_dir=str(out / SAMPLES_DIR), progress_bar=config.progress)
-    _check_same_run(out, sample_config)
+    # as Accelerator(): ACCELERATE_USE_CPU=1 makes torchrun / accelerate launch processes a gloo group on CPU; each
+    # process's "cuda" is its own GPU (PartialState sets the current device)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    rank, world = state.process_index, state.num_processes
+    shard = (rank, world) if world > 1 else None
+    main = state.is_main_process
+    out = Path(config.out_dir)
+    samples = out / SAMPLES_DIR
+    sample_config = dataclasses.replace(config.sample, output_dir=str(samples), progress_bar=config.progress and main)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_same_run(out, sample_config)
+        if samples.is_dir():  # what a killed multi-process run left, before any process reads the merged files
+            merge_metadata(samples)
+            merge_scores(out / IMAGE_SCORES, [])
+    state.wait_for_everyone()
+    if not main:
+        _check_same_run(out, sample_config)  # the file main wrote: every process refuses alike
     scorers = _build_scorers(_scorer_list(config.scorers), **_loader_options(config.scorer_options))
     weights = parse_weights(config.weights, len(scorers)) if len(scorers) > 1 else [1.0]
-    sample(sample_config, records=load_records(sample_config.prompts, config.prompt_column, sample_config.limit))
-    rows = sorted(read_metadata(str(out / SAMPLES_DIR)), key=lambda r: (r["prompt_index"], r.get("image_index", 0)))
+    sample(sample_config, records=load_records(sample_config.prompts, config.prompt_column, sample_config.limit),
+           shard=shard)
+    if world > 1:
+        state.wait_for_everyone()
+        if main:
+            merge_metadata(samples)
+        state.wait_for_everyone()
+    rows = sorted(read_metadata(str(samples)), key=lambda r: (r["prompt_index"], r.get("image_index", 0)))
     named = {s.name: s for s in scorers}
     # chunks of the scorer batch size: the unit a kill can lose, and fixed so reruns batch images identically
     chunk = int(config.scorer_options.get("batch_size") or 32)
-    done = score_images(out / SAMPLES_DIR, rows, named, out / IMAGE_SCORES, chunk=chunk, progress=config.progress)
+    done = score_images(samples, rows, named, out / IMAGE_SCORES, chunk=chunk, progress=config.progress and main,
+                        shard=shard)
+    if world > 1:
+        state.wait_for_everyone()
+        if not main:  # the main process pairs and writes; the others wait for it (the CLI reads summary.json)
+            state.wait_for_everyone()
+            return out / PARQUET_NAME
+        done = merge_scores(out / IMAGE_SCORES, [r["file"] for r in rows])
+        try:
+            return _write(config, out, sample_config, rows, named, weights, done)
+        finally:
+            state.wait_for_everyone()
+    return _write(config, out, sample_config, rows, named, weights, done)
+
+
+def _write(config: PairsConfig, out: Path, sample_config: SampleConfig, rows: list, named: dict, weights: list,
+           done: dict) -> Path:
+    """Pair the scored images and write train.parquet, summary.json and summary.png (the main process)."""
     raw = {n: np.array([done[r["file"]][n] for r in rows]) for n in named}
     combined = ensemble_scores(raw, weights)
     groups = _groups(rows)
@@ -109,6 +156,29 @@ def load_records(prompts: str, column: str = "caption", limit: Optional[int] = N
     unique = list(dict.fromkeys(str(p) for p in table[column] if p is not None and str(p).strip()))
     records = [PromptRecord(prompt=p, index=i, source=str(prompts)) for i, p in enumerate(unique)]
     return records[:limit] if limit is not None else records
+
+
+def merge_metadata(samples: Path) -> None:
+    """Fold the processes' ``metadata.rank*.jsonl`` into ``metadata.jsonl`` (one row per image whose file exists,
+    sorted by prompt and image index; complete lines only), written atomically, then remove the rank files."""
+    parts = sorted(samples.glob("metadata.rank*.jsonl"))
+    if not parts:
+        return
+    meta = samples / "metadata.jsonl"
+    rows: dict[str, dict] = {}
+    for path in [meta, *parts]:
+        data = path.read_bytes() if path.is_file() else b""
+        for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines():  # a torn last line: resampled
+            if line.strip():
+                row = json.loads(line)
+                if row["file"] not in rows and (samples / row["file"]).is_file():
+                    rows[row["file"]] = row
+    ordered = sorted(rows.values(), key=lambda r: (r["prompt_index"], r.get("image_index", 0)))
+    tmp = samples / "metadata.jsonl.tmp"
+    tmp.write_bytes("".join(json.dumps(r) + "\n" for r in ordered).encode())
+    os.replace(tmp, meta)
+    for path in parts:
+        path.unlink()
 
 
 def _is_table(prompts: str) -> bool:

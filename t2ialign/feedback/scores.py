@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -37,10 +37,19 @@ def read_scores(path: Path) -> dict[str, dict[str, float]]:
 
 
 def score_images(folder: Path, rows: Sequence[dict], scorers: Mapping[str, object], path: Path,
-                 chunk: int = CHUNK, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Scores of every row's image by every scorer, computing only chunks not yet in ``path``."""
+                 chunk: int = CHUNK, progress: bool = True, shard: Optional[tuple[int, int]] = None) -> dict[str, dict[str, float]]:
+    """Scores of every row's image by every scorer, computing only chunks not yet in ``path``.
+
+    ``shard=(rank, world)``: one process of a multi-process run scores only chunk c for c % world == rank (the
+    chunks a single process would score, so the same values) and appends them to ``rank_path(path, rank)``;
+    ``path`` is then only read (the caller merges the rank files into it: ``merge_scores``)."""
+    rank, world = shard or (0, 1)
     done = read_scores(path)
-    chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
+    out = path if shard is None else rank_path(path, rank)
+    if shard is not None:
+        for f, s in read_scores(out).items():
+            done.setdefault(f, {}).update(s)
+    chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)][rank::world]
     todo = [(c, [n for n in scorers if not all(n in done.get(r["file"], {}) for r in c)]) for c in chunks]
     todo = [(c, names) for c, names in todo if names]
     bar = tqdm(total=sum(len(c) for c, _ in todo), desc="scoring", unit="img", disable=not progress)
@@ -51,10 +60,36 @@ def score_images(folder: Path, rows: Sequence[dict], scorers: Mapping[str, objec
         for name in names:
             for r, v in zip(part, scorers[name].score(images, prompts).tolist()):
                 new[r["file"]][name] = float(v)
-        with open(path, "ab") as handle:  # one write per chunk: a kill leaves whole lines or a torn last one
+        with open(out, "ab") as handle:  # one write per chunk: a kill leaves whole lines or a torn last one
             handle.write("".join(json.dumps({"file": f, "scores": s}) + "\n" for f, s in new.items()).encode())
         for f, s in new.items():
             done.setdefault(f, {}).update(s)
         bar.update(len(part))
     bar.close()
     return done
+
+
+def rank_path(path: Path, rank: int) -> Path:
+    """Where process ``rank`` of a multi-process run appends its scores (``image_scores.rank1.jsonl``)."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def merge_scores(path: Path, order: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Fold every process's rank file into ``path`` (rewritten atomically, files in ``order`` first, then any
+    others sorted), then remove the rank files; returns the merged scores. A kill at any moment loses nothing:
+    until a rank file is removed, its rows are in it, and merging twice gives the same file."""
+    done = read_scores(path)
+    ranks = sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+    if not ranks:
+        return done
+    for part in ranks:
+        for f, s in read_scores(part).items():
+            done.setdefault(f, {}).update(s)
+    position = {f: i for i, f in enumerate(order)}
+    files = sorted(done, key=lambda f: (position.get(f, len(position)), f))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes("".join(json.dumps({"file": f, "scores": done[f]}) + "\n" for f in files).encode())
+    os.replace(tmp, path)
+    for part in ranks:
+        part.unlink()
+    return {f: done[f] for f in files}

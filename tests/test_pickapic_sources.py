@@ -191,3 +191,26 @@ def test_check_tar_copy_counts_members_and_flags_a_missing_shard(tmp_path):
     assert report.splits["train"]["pairs"] == 12
     assert "1 shard(s) missing from the numbering of *: 00001" in report.problems
     assert "train: 12 pairs; published 17 (test): your copy looks incomplete" in report.problems
+
+
+def test_cache_from_tar_shards_equals_the_cache_from_parquet(tmp_path, tiny_sdxl_dir):
+    """`t2ialign cache` reads the webdataset mirror's shards directly: the latents and text embeddings it
+    stores are those of the same pairs written as parquet."""
+    import yaml
+
+    rows, _ = make_pickapic_rows(6, image_size=(40, 40), seed=3, with_dual_captions=False)  # the mirror has none
+    write_pickapic_tars(tmp_path / "tars", rows, shard_size=4)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pickapic_schema()), tmp_path / "rows.parquet")
+    caches = {}
+    for name, dataset in (("tar", tmp_path / "tars"), ("parquet", tmp_path / "rows.parquet")):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": {"pretrained": str(tiny_sdxl_dir)}, "output_dir": str(tmp_path / "unused"), "report_to": "none",
+            "data": {"dataset": str(dataset), "resolution": 32, "cache_dir": str(tmp_path / f"cache-{name}"),
+                     "cache_dtype": "fp32", "cache_shard_size": 4, "cache_batch_size": 4},
+            "progress_bar": False}))
+        assert cli_main(["cache", str(config)]) == 0
+        caches[name] = {p.relative_to(tmp_path / f"cache-{name}"): p.read_bytes()
+                        for p in sorted((tmp_path / f"cache-{name}").rglob("*.safetensors"))}
+    assert caches["tar"] and caches["tar"].keys() == caches["parquet"].keys()
+    assert all(caches["tar"][k] == caches["parquet"][k] for k in caches["tar"]), "cached tensors differ"

@@ -107,6 +107,11 @@ def test_a_cache_materialised_from_other_shipped_weights_is_rebuilt(monkeypatch,
     assert pretrain.shipped_base_changed(directory, PretrainConfig())
     assert pretrain.get_toy_pipeline() == directory
     assert json.loads(info_path.read_text())["shipped_sha256"] == shipped.read_manifest()["sha256"]
+    # an earlier release recorded no hashes at all: rebuilt too; a real pretrain (no "source") is kept
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k != "shipped_sha256"}))
+    assert pretrain.shipped_base_changed(directory, PretrainConfig())
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k not in ("shipped_sha256", "source")}))
+    assert not pretrain.shipped_base_changed(directory, PretrainConfig())
 
 
 def test_the_manifest_names_what_the_bytes_depend_on():

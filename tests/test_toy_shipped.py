@@ -117,3 +117,19 @@ def test_a_cache_materialised_from_other_shipped_weights_is_rebuilt(monkeypatch,
 def test_the_manifest_names_what_the_bytes_depend_on():
     built_with = shipped.read_manifest()["built_with"]
     assert set(built_with) == {"torch", "cpu_capability"} and built_with["torch"].startswith("2.")
+
+
+def test_concurrent_processes_share_one_materialised_cache(tmp_path):
+    """Test and demo workers ask for the toy base at once: one builds it, the others wait for it."""
+    import subprocess
+    import sys
+
+    code = ("from t2ialign.toy.pretrain import get_toy_pipeline, is_complete; d = get_toy_pipeline(); "
+            "assert is_complete(d); print(d)")
+    env = {**__import__("os").environ, "T2IALIGN_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1
+    assert not [p.name for p in (tmp_path / "toy").iterdir() if p.name.startswith((".staging-", ".old-"))]

@@ -17,6 +17,7 @@ with the package (``toy.shipped``): the default config is materialised from thos
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -358,21 +359,29 @@ def get_toy_pipeline(
     if not cache:
         return build(Path(tempfile.mkdtemp(prefix="t2ialign-toy-")))
     target = toy_cache_dir(cfg)
-    if is_complete(target) and not force and not shipped_base_changed(target, cfg):
+    if _usable(target, cfg, force):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    try:
-        build(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except OSError:
-        if not is_complete(target):  # not a lost race with another process: a real failure
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # one builder at a time (test workers, demo workers): the others wait, then find the result usable
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and _usable(target, cfg, force):
+            return target
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+        try:
+            build(staging)
+            if target.exists():  # stale: moved aside in one rename, so no reader sees half a directory
+                old = Path(tempfile.mkdtemp(dir=target.parent, prefix=".old-"))
+                os.replace(target, old / target.name)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _usable(target: Path, cfg: PretrainConfig, force: bool) -> bool:
+    return is_complete(target) and not force and not shipped_base_changed(target, cfg)
 
 
 def _builder(cfg: PretrainConfig, force: bool, progress: Optional[ProgressFn]) -> Callable[[Path], Path]:

@@ -12,7 +12,7 @@ import logging
 import sys
 
 # modules under t2ialign.cli, one per subcommand, in --help order
-COMMANDS = ["demo", "train", "cache", "sample", "sweep", "score", "eval", "pairs", "data", "toy"]
+COMMANDS = ["demo", "train", "cache", "sample", "sweep", "score", "eval", "pairs", "data", "toy", "push"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -124,3 +124,92 @@ def save_lora_weights(unet, output_dir, is_sdxl: bool, adapter_name: str = "defa
     )
     (output_dir / LORA_CONFIG_NAME).write_text(json.dumps(lora_config_summary(model, adapter_name), indent=2))
     return output_dir
+
+
+# ---------------------------------------------------------------- kohya / A1111 / ComfyUI format
+
+KOHYA_SUFFIX = "_kohya.safetensors"
+
+
+def _adapter_metadata(metadata: Optional[dict], config_file: Path) -> dict:
+    """``{'r', 'lora_alpha', 'use_rslora', 'rank_pattern', 'alpha_pattern'}`` of the UNet adapter: from the
+    safetensors header diffusers writes (``lora_adapter_metadata``), else ``lora_config.json`` beside the file."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if raw:
+        entries = json.loads(raw)
+        return {key.split(".", 1)[1]: value for key, value in entries.items() if key.startswith("unet.")}
+    if config_file.is_file():
+        summary = json.loads(config_file.read_text())
+        return {"r": summary.get("rank"), "lora_alpha": summary.get("alpha")}
+    return {}
+
+
+def kohya_state_dict(state_dict: dict, adapter: dict) -> dict:
+    """A diffusers-format UNet LoRA state dict -> kohya keys (``lora_unet_<module>.lora_down.weight`` /
+    ``lora_up.weight`` / ``alpha``), with each module's alpha set so that kohya's scale (alpha / rank) equals
+    peft's (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA).
+
+    diffusers' ``convert_state_dict_to_kohya`` does the key mapping but writes alpha = rank (scale 1), which is
+    wrong for any run with lora.alpha != lora.rank; the alphas are rewritten here."""
+    import math
+    import re
+
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+
+    peft_keys = convert_unet_state_dict_to_peft(state_dict)  # ".lora.down" (our files) -> ".lora_A"
+    kohya = convert_state_dict_to_kohya(peft_keys)
+    # kohya module name -> diffusers module name, to resolve peft's per-module rank/alpha patterns
+    modules = {}
+    for key in peft_keys:
+        if ".lora_A." in key or key.endswith(".lora_A.weight"):
+            module = key.rsplit(".lora_A", 1)[0]
+            modules[module.replace("unet", "lora_unet", 1).replace(".", "_")] = module.split(".", 1)[1]
+    base_alpha = adapter.get("lora_alpha")
+    use_rslora = bool(adapter.get("use_rslora"))
+    out = {}
+    for key, value in kohya.items():
+        if not key.endswith(".alpha"):
+            out[key] = value.contiguous()
+            continue
+        name = key[: -len(".alpha")]
+        rank = int(kohya[f"{name}.lora_down.weight"].shape[0])
+        alpha = base_alpha
+        module = modules.get(name, "")
+        for pattern, pattern_alpha in (adapter.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):  # peft's own matching of per-module patterns
+                alpha = pattern_alpha
+        if alpha is None:
+            alpha = rank
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        out[key] = torch.tensor(float(scale * rank))
+    return out
+
+
+def export_kohya_lora(diffusers_lora_file, out_file) -> Path:
+    """Write the diffusers LoRA ``diffusers_lora_file`` (``pytorch_lora_weights.safetensors``) in the kohya
+    format that AUTOMATIC1111, ComfyUI, Forge, SD.Next and kohya's tools load, as ``out_file``.
+
+    Keys name diffusers' UNet modules (``lora_unet_down_blocks_1_..._to_q``), which A1111 and ComfyUI map
+    themselves and ``pipe.load_lora_weights`` reads too; the per-module ``alpha`` carries the LoRA scale."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    diffusers_lora_file, out_file = Path(diffusers_lora_file), Path(out_file)
+    with safe_open(str(diffusers_lora_file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    unknown = sorted({key.split(".", 1)[0] for key in state_dict} - {"unet"})
+    if unknown:
+        raise ValueError(f"{diffusers_lora_file}: only UNet LoRA weights are converted, found {', '.join(unknown)} keys")
+    adapter = _adapter_metadata(metadata, diffusers_lora_file.with_name(LORA_CONFIG_NAME))
+    kohya = kohya_state_dict(state_dict, adapter)
+    ranks = sorted({int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")})
+    alphas = sorted({float(v) for k, v in kohya.items() if k.endswith(".alpha")})
+    header = {"ss_network_module": "networks.lora", "ss_network_dim": ",".join(map(str, ranks)),
+              "ss_network_alpha": ",".join(f"{a:g}" for a in alphas), "format": "pt"}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    save_file(kohya, str(tmp), metadata=header)
+    tmp.replace(out_file)
+    return out_file

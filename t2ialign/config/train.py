@@ -93,6 +93,42 @@ class OptimConfig:
 
 
 @dataclass
+class AlarmConfig:
+    """Over-optimisation alarm (t2ialign.training.validation): the training objective improves over the last
+    ``window`` validations while the held-out score ``scorer`` has fallen more than ``threshold`` below its best."""
+
+    enabled: bool = True
+    scorer: Optional[str] = None  # a validation key without "val/" (a scorer name or "implicit_acc"); None: the first scorer
+    train_metric: str = "loss"  # a metrics.jsonl training key; "loss" improves by falling, any other by rising
+    window: int = 3  # validations the training metric is compared over
+    min_improvement: float = 0.0  # the training metric must improve by more than this over the window
+    threshold: float = 0.0  # the score must fall more than this below its best (absolute, in the scorer's units)
+    stop: bool = False  # stop training at the alarm (checkpoint + export, as at the end of a run)
+
+
+@dataclass
+class ValidationConfig:
+    """Sampling fixed prompts with fixed seeds from the current policy every ``every`` optimizer steps (and from the
+    base at step 0), scored by ``scorers``; written to ``output_dir/validation/step-XXXXXXXX/`` and the trackers."""
+
+    every: int = 0  # optimizer steps; 0 = no validation
+    prompts: Optional[object] = None  # a list of prompts, or a prompt-set name / file (t2ialign.evaluation.prompts)
+    limit: Optional[int] = None  # first N prompts of a prompt set
+    num_images: int = 1  # images per prompt
+    seed: int = 0  # image k of prompt i starts from seed + i * num_images + k (as `t2ialign sample`)
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    resolution: Optional[int] = None  # default: the model's native size
+    batch_size: int = 8
+    scorers: list = field(default_factory=list)  # scorer names (t2ialign.scoring), e.g. [pickscore] or [toy.fidelity]
+    log_images: int = 16  # images sent to tensorboard / wandb per validation (all are written to disk)
+    # implicit-reward accuracy of the live policy on a held-out split of data.dataset (needs a reference model)
+    preference_split: Optional[str] = None
+    max_pairs: int = 64
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +164,7 @@ class TrainConfig:
     compile: bool = False
     compile_cache_dir: Optional[str] = None
     channels_last: bool = False
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 CHOICES: dict[str, tuple] = {
@@ -221,6 +258,7 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
                           "use one of them (--overwrite or --set resume=...)")
     if config.keep_last_checkpoints < 1:
         raise ConfigError(f"keep_last_checkpoints: must be at least 1, got {config.keep_last_checkpoints}")
+    _check_validation(config.validation)
     if config.max_bad_steps < 1:
         raise ConfigError(f"max_bad_steps: must be at least 1, got {config.max_bad_steps}")
     if len(config.data.image_columns) != 2 or len(config.data.label_columns) != 2:
@@ -256,6 +294,40 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return config
+
+
+def _check_validation(val: ValidationConfig) -> None:
+    if val.every < 0:
+        raise ConfigError(f"validation.every: must be >= 0 (0 = no validation), got {val.every}")
+    for key in ("num_images", "num_inference_steps", "batch_size", "max_pairs", "alarm.window"):
+        if _get(val, key) <= 0:
+            raise ConfigError(f"validation.{key}: must be positive, got {_get(val, key)}")
+    if val.log_images < 0:
+        raise ConfigError(f"validation.log_images: must be >= 0, got {val.log_images}")
+    if val.limit is not None and val.limit <= 0:
+        raise ConfigError(f"validation.limit: must be positive (or null for all prompts), got {val.limit}")
+    if val.resolution is not None and (val.resolution <= 0 or val.resolution % 8):
+        raise ConfigError(f"validation.resolution: must be a positive multiple of 8, got {val.resolution}")
+    prompts = val.prompts
+    if not (prompts is None or (isinstance(prompts, str) and prompts.strip())
+            or (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts))):
+        raise ConfigError(f"validation.prompts: a list of prompts or a prompt-set name / file, got {prompts!r}")
+    if not all(isinstance(s, str) and s for s in val.scorers):
+        raise ConfigError(f"validation.scorers: must be a list of scorer names, got {val.scorers!r}")
+    if val.every and prompts is None and val.scorers:
+        raise ConfigError("validation.scorers: the scorers score sampled images; set validation.prompts too")
+    if val.every and prompts is None and not val.preference_split:
+        raise ConfigError("validation.every: nothing to validate; set validation.prompts (and scorers) and/or "
+                          "validation.preference_split")
+    for key in ("alarm.threshold", "alarm.min_improvement"):
+        value = _get(val, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"validation.{key}: must be a finite number >= 0, got {value}")
+    if val.every and val.alarm.enabled:
+        names = [*val.scorers, *(["implicit_acc"] if val.preference_split else [])]
+        scorer = val.alarm.scorer
+        if scorer is not None and scorer.removeprefix("val/") not in names:
+            raise ConfigError(f"validation.alarm.scorer: {scorer!r} is not validated; choose one of: {', '.join(names) or '(none)'}")
 
 
 def _objectives() -> dict:

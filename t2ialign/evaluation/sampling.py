@@ -126,13 +126,16 @@ def _apply_speed_levers(config: SampleConfig, pipe) -> None:
     apply_speed_settings(config, *unets)
 
 
-def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] = None) -> Path:
+def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] = None, pipe=None) -> Path:
     """Sample ``config.prompts`` (or the given prompt records) into ``config.output_dir``; returns it.
 
     ``shard=(rank, world)``: one process of a multi-process run (``feedback.build``). It samples only batch b
     of the full job list for b % world == rank (the batches a single process would draw, so the same bytes),
     appends its rows to ``metadata.rank{rank}.jsonl`` (no two processes write one file), and only rank 0 writes
-    sample_config.json. The caller merges the rank files into metadata.jsonl once every process is done."""
+    sample_config.json. The caller merges the rank files into metadata.jsonl once every process is done.
+
+    ``pipe``: a pipeline already built (validation during training: the live policy UNet inside the training
+    components) instead of loading ``config.pretrained`` / ``config.aligned``."""
     from t2ialign.data.files import prepare_output_dir
     from t2ialign.evaluation.prompts import load_prompt_set
 
@@ -153,7 +156,7 @@ def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] 
         jobs = [job for job in jobs if job["file"] in mine]
     if not jobs:
         return output_dir
-    pipe, extra = build_sampler(config, device)
+    pipe, extra = build_sampler(config, device) if pipe is None else (pipe, {})
     size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     # a context: the bar ends its line on an error too, so the CLI's one-line error starts a line of its own
     with tqdm(total=len(jobs), desc=f"sampling {output_dir.name}", unit="img", disable=not config.progress_bar) as bar:

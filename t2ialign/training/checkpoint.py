@@ -72,6 +72,9 @@ class TrainerState:
     train_batch_size: int = 0
     gradient_accumulation_steps: int = 0
     format: str = FORMAT_SAFE
+    # the validation history the over-optimisation alarm reads (t2ialign.training.validation); older checkpoints
+    # lack it (empty), and older versions ignore it
+    validation: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- test hook

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 STATE = ("objective", "lora", "model", "mixed_precision", "optim.optimizer", "seed", "data.dataset", "data.split",
          "data.cache_dir")
 FREE = ("max_steps", "log_every", "checkpoint_every", "keep_last_checkpoints", "progress_bar", "report_to",
-        "data.num_workers")
+        "data.num_workers", "validation")
 # where the run is and how it was started, not what it trains
 IGNORED = ("output_dir", "resume", "overwrite_output_dir", "allow_config_change")
 LEAF_DICTS = ("objective.params",)  # compared as a whole: its keys are the objective's, not config fields

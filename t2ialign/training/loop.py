@@ -15,6 +15,7 @@ import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -54,6 +55,7 @@ class TrainResult:
     final_step: int
     bad_steps: int
     model: object = None  # the trained (unwrapped) UNet on this process
+    alarm: Optional[dict] = None  # the over-optimisation alarm, if it fired (validation.alarm; see training/validation.py)
 
 
 class MetricAverager:
@@ -170,7 +172,7 @@ def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest)
     batches = _merging_bad_rows(iter(make_loader(dataset, collate, sampler, config.data.num_workers)),
                                 getattr(dataset, "report", None))
     saver = CheckpointSaver(config, accelerator, models.policy, optimizer, lr_scheduler, resume_from, state.global_step)
-    _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable, saver, stop)
+    alarm = _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable, saver, stop)
 
     export_dir = output_dir / "final"
     if config.model.policy_dtype != "fp32":  # export the fp32 masters, not their bf16 rounding
@@ -184,7 +186,7 @@ def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest)
     if stop.signum and accelerator.is_main_process:
         logger.warning("received %s after the last step: the run is complete", signal.Signals(stop.signum).name)
     accelerator.end_training()
-    return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped)
+    return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped, alarm)
 
 
 class CheckpointSaver:
@@ -242,7 +244,8 @@ def _warn_on_changed_layout(config, accelerator, state: TrainerState, path):
 
 
 def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable,
-               saver: CheckpointSaver, stop: StopRequest | None = None):
+               saver: CheckpointSaver, stop: StopRequest | None = None) -> Optional[dict]:
+    """The optimizer steps up to ``max_steps``; returns the over-optimisation alarm when it stopped the run early."""
     log_path = Path(config.output_dir) / "metrics.jsonl"
     averager = MetricAverager(state)
     progress = tqdm(
@@ -250,6 +253,13 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
         disable=not (config.progress_bar and accelerator.is_main_process),
     )
     _stop_if_signalled(accelerator, stop, saver, state, progress)  # a signal during the set-up
+    validator = None
+    if config.validation.every:  # training/validation.py: own generators, RNG states and train/eval flags restored
+        from t2ialign.training.validation import Validator
+
+        validator = Validator(config, accelerator, models, spec, state)
+        if validator.due(state.global_step):  # the base model, once, before the first step
+            validator.run(state.global_step)
     while state.global_step < config.max_steps:
         maybe_kill("micro_step", state.micro_step)  # test hook (T2IALIGN_TEST_KILL), see training/checkpoint.py
         batch = next(batches)
@@ -262,7 +272,9 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
             accelerator.backward(output.loss)
             averager.add(output.loss, output.metrics)
             if accelerator.sync_gradients:
-                _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state, averager)
+                accepted = _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state, averager)
+                if validator is not None:
+                    validator.observe(accepted)
         state.micro_step += 1
         if not accelerator.sync_gradients:
             continue
@@ -280,10 +292,17 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
                 "Lower optim.learning_rate or objective.beta, use mixed_precision=bf16 instead of fp16, "
                 "or resume from the last checkpoint with resume=latest"
             )
+        if validator is not None and validator.due(state.global_step):
+            validator.run(state.global_step)
         if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
             saver.save(state)
+        if validator is not None and validator.should_stop and state.global_step < config.max_steps:
+            saver.latest(state)  # then export, as at the end of the run
+            progress.close()
+            return validator.alarm
         _stop_if_signalled(accelerator, stop, saver, state, progress)
     progress.close()
+    return None
 
 
 def _stop_if_signalled(accelerator, stop, saver: CheckpointSaver, state: TrainerState, progress) -> None:
@@ -299,9 +318,10 @@ def _stop_if_signalled(accelerator, stop, saver: CheckpointSaver, state: Trainer
     raise interrupted
 
 
-def _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state, averager):
+def _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, state, averager) -> Optional[dict]:
     """Clip, then step unless the loss or the gradients are not finite: then the update is skipped and counted.
 
+    Returns the step's metrics when the update was taken, None when it was skipped.
     Loss and gradient norm are the same on every process (the loss is averaged across processes, the
     gradients are all-reduced), so every replica takes the same decision. fp16: inf/nan gradients are
     the loss scaler's business (it skips the update and lowers the scale), so only a non-finite loss counts.
@@ -335,6 +355,7 @@ def _optimizer_step(config, accelerator, optimizer, lr_scheduler, trainable, sta
                 state.global_step + 1, cause, state.bad_steps_consecutive, state.bad_steps_total, config.max_bad_steps,
             )
     optimizer.zero_grad(set_to_none=True)
+    return step_metrics if cause is None else None
 
 
 def _log(accelerator, log_path: Path, record: dict, progress):

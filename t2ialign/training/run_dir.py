@@ -43,7 +43,7 @@ METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "final"
 # what a run leaves besides checkpoints; --overwrite deletes these (and logs/), never other files
 RUN_FILES = (EXPORT_DIR, METRICS_FILE, CONFIG_FILE)
-OVERWRITTEN = RUN_FILES + ("logs",)
+OVERWRITTEN = RUN_FILES + ("logs", "validation")  # validation/: images of validation during training
 
 _HELD_FDS: set[int] = set()
 
@@ -215,7 +215,8 @@ def check_new_run(output_dir: Path, overwrite: bool) -> list[str]:
 
 
 def delete_previous_run(output_dir: Path) -> None:
-    """--overwrite: the old run's checkpoints (also half-written ones), export, log, config and tensorboard logs."""
+    """--overwrite: the old run's checkpoints (also half-written ones), export, log, config, tensorboard logs and
+    validation images."""
     root = Path(output_dir)
     doomed = [p for p in root.iterdir() if p.name.startswith(PREFIX) or p.name in OVERWRITTEN]
     for path in sorted(doomed):

@@ -162,3 +162,29 @@ def test_push_refuses_a_run_without_export_and_a_bad_repo_id(tmp_path, capsys):
     assert "no final/ export" in capsys.readouterr().err
     assert main(["push", str(tmp_path / "run"), "--repo-id", "no-slash"]) == 2
     assert "expected USER/NAME" in capsys.readouterr().err
+
+
+def test_push_to_hub_after_training_offline_keeps_the_run_and_names_the_retry(tmp_path, tiny_sdxl_dir, pickapic_parquet,
+                                                                             caplog, monkeypatch):
+    """`push_to_hub: USER/NAME` in a train config: the share folder (with its card) is written after the export;
+    offline the upload is a warning naming `hf upload`, and the run itself completes."""
+    import logging
+
+    from huggingface_hub import ModelCard
+
+    from helpers.runs import write_config
+    from t2ialign.config import ConfigError, load_train_config
+    from t2ialign.training import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = yaml.safe_load(write_config(tmp_path / "c.yaml", tiny_sdxl_dir, pickapic_parquet, tmp_path / "run",
+                                      max_steps=2, checkpoint_every=0, lora={"enabled": True, "rank": 4}).read_text())
+    with pytest.raises(ConfigError, match="push_to_hub"):
+        load_train_config(data={**raw, "push_to_hub": "not a repo id"})
+    with caplog.at_level(logging.WARNING, logger="t2ialign.training.loop"):
+        result = train(load_train_config(data={**raw, "push_to_hub": "me/toy-dpo"}))
+    assert result.final_step == 2 and (tmp_path / "run" / "final" / "export.json").is_file()
+    (warning,) = [r.getMessage() for r in caplog.records if "hf upload" in r.getMessage()]
+    assert "hf upload me/toy-dpo" in warning and str(tmp_path / "run" / "share") in warning
+    card = ModelCard.load(tmp_path / "run" / "share" / "README.md")
+    assert "me/toy-dpo" in card.text and (tmp_path / "run" / "share" / "pytorch_lora_weights.safetensors").is_file()

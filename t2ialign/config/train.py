@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -165,6 +166,10 @@ class TrainConfig:
     compile_cache_dir: Optional[str] = None
     channels_last: bool = False
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # USER/NAME: after training, write output_dir/share (export, config, model card) and upload it, as
+    # `t2ialign push` does; a failed upload (offline, auth) is logged with the `hf upload` command to retry
+    push_to_hub: Optional[str] = None
+    hub_private: bool = False
 
 
 CHOICES: dict[str, tuple] = {
@@ -205,6 +210,8 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
 
     for dotted, allowed in CHOICES.items():
         _check_choice(config, dotted, allowed)
+    if config.push_to_hub is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", config.push_to_hub):
+        raise ConfigError(f"push_to_hub: {config.push_to_hub!r} is not a hub repo id; give USER/NAME (or ORG/NAME)")
     try:
         spec = get_objective(config.objective.name)
     except ValueError as exc:

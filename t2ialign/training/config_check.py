@@ -30,7 +30,7 @@ STATE = ("objective", "lora", "model", "mixed_precision", "optim.optimizer", "se
 FREE = ("max_steps", "log_every", "checkpoint_every", "keep_last_checkpoints", "progress_bar", "report_to",
         "data.num_workers", "validation")
 # where the run is and how it was started, not what it trains
-IGNORED = ("output_dir", "resume", "overwrite_output_dir", "allow_config_change")
+IGNORED = ("output_dir", "resume", "overwrite_output_dir", "allow_config_change", "push_to_hub", "hub_private")
 LEAF_DICTS = ("objective.params",)  # compared as a whole: its keys are the objective's, not config fields
 
 

@@ -186,7 +186,20 @@ def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest)
     if stop.signum and accelerator.is_main_process:
         logger.warning("received %s after the last step: the run is complete", signal.Signals(stop.signum).name)
     accelerator.end_training()
+    if config.push_to_hub and accelerator.is_main_process:
+        _push(config, output_dir)
     return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped, alarm)
+
+
+def _push(config: TrainConfig, output_dir: Path) -> None:
+    """``push_to_hub``: the run is complete either way, so a failed upload is a warning naming the retry command."""
+    from t2ialign.sharing import ShareError, push_to_hub
+
+    try:
+        url = push_to_hub(output_dir, config.push_to_hub, private=config.hub_private)
+        logger.info("pushed to %s", url)
+    except ShareError as exc:
+        logger.warning("%s", exc)
 
 
 class CheckpointSaver:

@@ -174,3 +174,42 @@ def test_validation_config_errors():
         load(every=5, prompts=["a cat"], scorers=["pickscore"], alarm={"scorer": "hpsv21"})
     with pytest.raises(ConfigError, match="validation.alarm.threshold"):
         load(every=5, prompts=["a cat"], scorers=["pickscore"], alarm={"threshold": -1})
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_validation_prompts_and_give_one_process_images(toy, tmp_path):
+    """Under DDP each rank samples its share of the prompts (per-image seeds: the same images wherever they are
+    drawn); the main process gathers one complete, duplicate-free validation whose base images and scores
+    equal a one-process run's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    validation = {"every": 2, "scorers": ["toy.vividness"], "num_inference_steps": 4}
+    runs = {}
+    for processes in (1, 2):
+        config = _config(toy, "vividness", f"ddp-{processes}-{tmp_path.name}", 2, validation, train_batch_size=4,
+                         report_to="none")
+        path = tmp_path / f"config-{processes}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
+               str(repo / "tests/helpers/train_tiny.py"), str(path), str(tmp_path / f"digest-{processes}.json")]
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        runs[processes] = Path(config["output_dir"])
+    base = {n: runs[n] / "validation" / "step-00000000" for n in runs}
+    files = {n: sorted(p.name for p in (base[n] / "images").glob("*.png")) for n in runs}
+    assert files[1] == files[2] and len(files[1]) == 16
+    assert all((base[1] / "images" / f).read_bytes() == (base[2] / "images" / f).read_bytes() for f in files[1])
+    val = {n: [r for r in _records(runs[n]) if r.get("validation")] for n in runs}
+    assert [r["step"] for r in val[2]] == [0, 2]
+    assert val[2][0]["val/toy.vividness"] == pytest.approx(val[1][0]["val/toy.vividness"], abs=1e-7)
+    assert len((base[2] / "scores.jsonl").read_text().splitlines()) == 16

@@ -67,11 +67,14 @@ def _training(records: list[dict]) -> list[dict]:
 ALARM = {"scorer": "toy.vividness", "train_metric": "loss", "window": 2, "threshold": 0.025}
 
 
-def test_validation_logs_images_and_scores_without_changing_the_training_run(toy):
+def test_validation_logs_images_and_scores_without_changing_the_training_run(toy, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     validation = {"every": 4, "scorers": ["toy.vividness", "toy.fidelity"], "preference_split": "train", "max_pairs": 16}
-    with_val = train(load_train_config(data=_config(toy, "vividness", "with-val", 12, validation)))
+    with caplog.at_level(logging.WARNING, logger="t2ialign.training.validation"):
+        with_val = train(load_train_config(data=_config(toy, "vividness", "with-val", 12, validation)))
+    # on the toy model sampling 16 images costs more than 4 LoRA steps: the cost warning says so, once
+    assert len([r for r in caplog.records if "validation.max_time_share" in r.getMessage()]) == 1
     without = train(load_train_config(data=_config(toy, "vividness", "without-val", 12, None)))
 
     records = _records(with_val.output_dir)
@@ -174,6 +177,8 @@ def test_validation_config_errors():
         load(every=5, prompts=["a cat"], scorers=["pickscore"], alarm={"scorer": "hpsv21"})
     with pytest.raises(ConfigError, match="validation.alarm.threshold"):
         load(every=5, prompts=["a cat"], scorers=["pickscore"], alarm={"threshold": -1})
+    with pytest.raises(ConfigError, match="validation.max_time_share"):
+        load(every=5, prompts=["a cat"], max_time_share=0)
 
 
 @pytest.mark.slow

@@ -123,6 +123,7 @@ class ValidationConfig:
     batch_size: int = 8
     scorers: list = field(default_factory=list)  # scorer names (t2ialign.scoring), e.g. [pickscore] or [toy.fidelity]
     log_images: int = 16  # images sent to tensorboard / wandb per validation (all are written to disk)
+    max_time_share: float = 0.2  # warn (once) when validation takes more than this share of the run's wall time
     # implicit-reward accuracy of the live policy on a held-out split of data.dataset (needs a reference model)
     preference_split: Optional[str] = None
     max_pairs: int = 64
@@ -311,6 +312,8 @@ def _check_validation(val: ValidationConfig) -> None:
             raise ConfigError(f"validation.{key}: must be positive, got {_get(val, key)}")
     if val.log_images < 0:
         raise ConfigError(f"validation.log_images: must be >= 0, got {val.log_images}")
+    if not 0 < val.max_time_share <= 1:
+        raise ConfigError(f"validation.max_time_share: a share of the run's time in (0, 1], got {val.max_time_share}")
     if val.limit is not None and val.limit <= 0:
         raise ConfigError(f"validation.limit: must be positive (or null for all prompts), got {val.limit}")
     if val.resolution is not None and (val.resolution <= 0 or val.resolution % 8):

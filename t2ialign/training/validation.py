@@ -105,6 +105,7 @@ class Validator:
         self.pair_batches = None
         self.alarm: Optional[dict] = state.validation.get("alarm")  # fired once per run (a resume does not re-fire it)
         self.stop_now = False
+        self.started, self.seconds, self.warned_cost = time.perf_counter(), 0.0, False  # this process's wall clock
         state.validation.setdefault("history", [])
         state.validation.setdefault("train_sums", {})
         state.validation.setdefault("train_count", 0)
@@ -153,6 +154,7 @@ class Validator:
                 if accuracy is not None:
                     scores["val/implicit_acc"] = accuracy
         seconds = time.perf_counter() - started
+        self._check_cost(step, seconds)
         entry = {"step": step, "scores": scores, "train": self._pop_train() if step else {}}
         self.history.append(entry)
         record = {"step": step, "validation": True, **scores, "val/seconds": seconds}
@@ -163,6 +165,17 @@ class Validator:
             logger.info("validation at step %d: %s (%.1f s)", step,
                         ", ".join(f"{k}={v:.4g}" for k, v in scores.items()) or "no scores", seconds)
         return self._maybe_alarm(step)
+
+    def _check_cost(self, step: int, seconds: float) -> None:
+        """Warn once when validation takes more than ``max_time_share`` of this run's wall time (it never skips a
+        validation for it: the records stay a function of the config, not of the machine's speed)."""
+        self.seconds += seconds
+        share = self.seconds / max(time.perf_counter() - self.started, 1e-9)
+        if step and not self.warned_cost and share > self.val.max_time_share and self.accelerator.is_main_process:
+            self.warned_cost = True
+            logger.warning("validation took %.0f%% of this run's time so far (%.1f s, above validation.max_time_share="
+                           "%.2f): raise validation.every, or use fewer prompts / sampler steps", 100 * share, self.seconds,
+                           self.val.max_time_share)
 
     def _maybe_alarm(self, step: int) -> Optional[dict]:
         if self.alarm is not None or not self.val.alarm.enabled:

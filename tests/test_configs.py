@@ -45,3 +45,14 @@ def test_memory_mode_recipes_train_on_the_tiny_model(recipe, tmp_path, tiny_sdxl
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
     assert len(losses) == 2 and losses[0] == pytest.approx(0.6931471805599453, abs=1e-6), proc.stderr[-2000:]
     assert (tmp_path / "run/final/unet/diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_report_to_wandb_without_wandb_installed_names_the_extra():
+    import importlib.util
+
+    from t2ialign.config import ConfigError, load_train_config
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=r"t2ialign\[wandb\]"):
+        load_train_config(data={"report_to": "wandb"})

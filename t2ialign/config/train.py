@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -211,6 +212,8 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
 
     for dotted, allowed in CHOICES.items():
         _check_choice(config, dotted, allowed)
+    if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("report_to: wandb is not installed; run `pip install 't2ialign[wandb]'` (or set report_to=tensorboard)")
     if config.push_to_hub is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", config.push_to_hub):
         raise ConfigError(f"push_to_hub: {config.push_to_hub!r} is not a hub repo id; give USER/NAME (or ORG/NAME)")
     try:

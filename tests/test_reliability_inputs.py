@@ -212,8 +212,9 @@ def test_inversion_objective_with_a_v_prediction_model_is_rejected_before_loadin
     with pytest.raises(ConfigError, match="prediction_type 'sample'; allowed: epsilon, v_prediction"):
         check_model_source(load_train_config(data=with_(model__pretrained=str(sample))))
     flow = scheduler_only_copy(tiny_sdxl_dir, tmp_path / "flow", _class_name="FlowMatchEulerDiscreteScheduler")
-    with pytest.raises(ConfigError, match="flow matching"):
-        check_model_source(load_train_config(data=with_(model__pretrained=str(flow))))
+    check_model_source(load_train_config(data=with_(model__pretrained=str(flow))))  # DPO trains flow models
+    with pytest.raises(ConfigError, match="'inpo' runs DDIM inversion.*rectified-flow.*dcpo, dpo, mapo, sft"):
+        check_model_source(load_train_config(data=with_(model__pretrained=str(flow), objective__name="inpo")))
 
 
 def test_model_source_errors_name_the_key_and_the_fix(tmp_path):

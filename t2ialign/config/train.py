@@ -132,6 +132,20 @@ class ValidationConfig:
 
 
 @dataclass
+class FlowConfig:
+    """Rectified-flow models (SD3 / SD3.5, FLUX; docs/FLOW.md). Ignored for UNet models. Defaults: diffusers' SD3 /
+    FLUX training scripts (t2ialign.flow_noising)."""
+
+    weighting_scheme: str = "logit_normal"  # timestep density: logit_normal | mode | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"  # per-sample weight of the velocity error: none | sigma_sqrt | cosmap
+    guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance input during training (models with guidance_embeds)
+    max_sequence_length: Optional[int] = None  # T5 tokens; null = the pipeline default (SD3: 256, FLUX: 512)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +182,7 @@ class TrainConfig:
     compile_cache_dir: Optional[str] = None
     channels_last: bool = False
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     # USER/NAME: after training, write output_dir/share (export, config, model card) and upload it, as
     # `t2ialign push` does; a failed upload (offline, auth) is logged with the `hf upload` command to retry
     push_to_hub: Optional[str] = None
@@ -184,6 +199,8 @@ CHOICES: dict[str, tuple] = {
     "gradient_checkpointing_mode": ("full", "selective"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "report_to": ("tensorboard", "wandb", "none"),
+    "flow.weighting_scheme": ("logit_normal", "mode", "uniform"),  # = t2ialign.flow_noising.WEIGHTING_SCHEMES
+    "flow.loss_weighting": ("none", "sigma_sqrt", "cosmap"),  # = t2ialign.flow_noising.LOSS_WEIGHTINGS
 }
 
 
@@ -270,6 +287,7 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
     if config.keep_last_checkpoints < 1:
         raise ConfigError(f"keep_last_checkpoints: must be at least 1, got {config.keep_last_checkpoints}")
     _check_validation(config.validation)
+    _check_flow(config.flow)
     if config.max_bad_steps < 1:
         raise ConfigError(f"max_bad_steps: must be at least 1, got {config.max_bad_steps}")
     if len(config.data.image_columns) != 2 or len(config.data.label_columns) != 2:
@@ -305,6 +323,16 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return config
+
+
+def _check_flow(flow: FlowConfig) -> None:
+    if flow.logit_std <= 0:
+        raise ConfigError(f"flow.logit_std: must be positive, got {flow.logit_std}")
+    if flow.guidance_scale < 0:
+        raise ConfigError(f"flow.guidance_scale: must be >= 0, got {flow.guidance_scale}")
+    if flow.max_sequence_length is not None and not 0 < flow.max_sequence_length <= 512:
+        raise ConfigError(f"flow.max_sequence_length: T5 tokens in (0, 512] (or null for the pipeline default), "
+                          f"got {flow.max_sequence_length}")
 
 
 def _check_validation(val: ValidationConfig) -> None:

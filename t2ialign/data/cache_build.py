@@ -329,6 +329,8 @@ def _write_manifest(cache_dir: Path, num_shards: int, encoder: CacheEncoder, con
         "resolution": config.data.resolution,
         "latent_shape": list(encoder.latent_shape),
         "scaling_factor": encoder.scaling_factor,
+        "shift_factor": encoder.shift_factor,
+        "family": encoder.family,
         "dtype": config.data.cache_dtype,
         "latent_std": config.data.cache_latent_std,
         "text_shape": list(null.shape[1:]),

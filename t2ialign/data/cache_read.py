@@ -113,6 +113,7 @@ class CachedPairs(torch.utils.data.Dataset):
             )
         self.variants = int(self.manifest["variants"])
         self.scaling_factor = float(self.manifest["scaling_factor"])
+        self.shift_factor = float(self.manifest.get("shift_factor") or 0.0)  # SD3 / FLUX VAEs (caches before: none)
         self.shard_files = [self.cache_dir / s["file"] for s in self.manifest["shards"]]
         counts = [int(s["pairs"]) for s in self.manifest["shards"]]
         self._starts = [0]
@@ -174,7 +175,8 @@ class CachedPairs(torch.utils.data.Dataset):
     @property
     def collate_fn(self):
         """``collate_cached_pairs`` with this cache's scaling factor and empty-prompt embedding."""
-        return partial(collate_cached_pairs, scaling_factor=self.scaling_factor, null_text=self.null_text)
+        return partial(collate_cached_pairs, scaling_factor=self.scaling_factor, null_text=self.null_text,
+                       shift_factor=self.shift_factor)
 
 
 def _two_rows(table: torch.Tensor, first: int, second: int) -> torch.Tensor:
@@ -202,7 +204,8 @@ def _winners_then_losers(rows: list, key: str) -> torch.Tensor:
     return _stack([r[key][0] for r in rows] + [r[key][1] for r in rows])
 
 
-def collate_cached_pairs(rows: list, scaling_factor: Optional[float] = None, null_text: Optional[dict] = None) -> dict:
+def collate_cached_pairs(rows: list, scaling_factor: Optional[float] = None, null_text: Optional[dict] = None,
+                         shift_factor: float = 0.0) -> dict:
     """Items -> the batch ``training.step.preference_step`` reads, every per-image field winners first.
 
     With a posterior std: ``latent_mean``, ``latent_std`` (2B, C, h, w) and ``latent_scaling_factor``
@@ -210,7 +213,8 @@ def collate_cached_pairs(rows: list, scaling_factor: Optional[float] = None, nul
     ``vae.encode(x).latent_dist.sample(generator)`` does on the image path). Without one: ``latents``
     (the scaled mean). Always ``prompt_embeds`` (2B, 77, D); SDXL: ``pooled_prompt_embeds`` (2B, D2),
     ``time_ids`` (2B, 6). ``null_prompt_embeds`` / ``null_pooled_prompt_embeds`` (the embedding of "")
-    let the step apply prompt dropout with the same generator draws as the image path.
+    let the step apply prompt dropout with the same generator draws as the image path. SD3 / FLUX VAEs have a
+    ``shift_factor``: latents are ``(z - shift) * scale``; it travels as ``latent_shift_factor``.
     """
     batch = {"prompt_embeds": _winners_then_losers(rows, "prompt_embeds")}
     for key in ("pooled_prompt_embeds", "time_ids"):
@@ -220,8 +224,10 @@ def collate_cached_pairs(rows: list, scaling_factor: Optional[float] = None, nul
     scale = float(rows[0]["scaling_factor"] if scaling_factor is None else scaling_factor)
     if "latent_std" in rows[0]:
         batch.update(latent_mean=mean, latent_std=_winners_then_losers(rows, "latent_std"), latent_scaling_factor=scale)
+        if shift_factor:
+            batch["latent_shift_factor"] = float(shift_factor)
     else:
-        batch["latents"] = mean.float() * scale
+        batch["latents"] = (mean.float() - shift_factor) * scale if shift_factor else mean.float() * scale
     if null_text is not None:
         batch["null_prompt_embeds"] = null_text["prompt_embeds"]
         if "pooled_prompt_embeds" in null_text:

@@ -36,8 +36,12 @@ class CacheEncoder:
         self.mixed_precision = config.mixed_precision
         self.resolution = config.data.resolution
         self.is_sdxl = self.components.is_sdxl
+        self.family = self.components.family
+        # SDXL and the flow models (SD3 / FLUX) condition on a pooled embedding as well
+        self.has_pooled = self.is_sdxl or self.components.is_flow
+        self.max_sequence_length = config.flow.max_sequence_length
         vae = self.components.vae
-        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor, self.scaling_factor = self.components.latent_shift_and_scale
         factor = self.components.vae_scale_factor
         self.latent_shape = (self.components.latent_channels, self.resolution // factor, self.resolution // factor)
         self.null_text = self.encode_texts([""])
@@ -55,10 +59,17 @@ class CacheEncoder:
             dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         return dist.mean, dist.std
 
-    @torch.no_grad()
-    def encode_texts(self, texts: list, batch_size: int = 32) -> dict:
+    def _encode(self, texts: list):
+        if self.components.is_flow:
+            from t2ialign.models.flow_text import encode_flow_prompts
+
+            return encode_flow_prompts(self.components, texts, self.max_sequence_length)
         from t2ialign.models.text_encoding import encode_prompts
 
+        return encode_prompts(self.components, texts)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list, batch_size: int = 32) -> dict:
         parts = []
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start : start + batch_size])
@@ -66,9 +77,9 @@ class CacheEncoder:
             # 2 x batch rows, so tiny chunks are padded to keep cached and image-path embeddings bit-identical
             padded = chunk + [""] * max(0, MIN_TEXT_BATCH - len(chunk))
             with self._autocast():
-                parts.append(encode_prompts(self.components, padded)[: len(chunk)])
+                parts.append(self._encode(padded)[: len(chunk)])
         out = {"prompt_embeds": torch.cat([p.prompt_embeds for p in parts])}
-        if self.is_sdxl:
+        if self.has_pooled:
             out["pooled_prompt_embeds"] = torch.cat([p.pooled_prompt_embeds for p in parts])
         return out
 
@@ -143,8 +154,9 @@ class ShardBuilder:
         null = self.encoder.null_text
         texts = self.encoder.encode_texts(list(self.texts)) if self.texts else {k: v[:0] for k, v in null.items()}
         out["text_embeds"] = texts["prompt_embeds"].to("cpu", self.dtype)
-        if self.encoder.is_sdxl:
+        if self.encoder.has_pooled:
             out["text_pooled"] = texts["pooled_prompt_embeds"].to("cpu", self.dtype)
+        if self.encoder.is_sdxl:
             out["time_ids"] = torch.stack(self.time_ids) if self.time_ids else torch.zeros((0, variants, 2, 6))
         return {k: v.contiguous() for k, v in out.items()}
 

@@ -1,4 +1,4 @@
-"""Load SDXL / SD1.x / SD2.x components from a hub id or a local diffusers pipeline directory.
+"""Load SDXL / SD1.x / SD2.x / SD3 / FLUX components from a hub id or a local diffusers pipeline directory.
 
 Only the pieces a recipe needs are loaded (a cached-latent run needs neither VAE nor text encoders),
 frozen parts are put in eval mode without gradients, and every "not found" — missing folder, missing
@@ -31,6 +31,20 @@ except ImportError:  # pragma: no cover
 _NOT_FOUND_ERRORS = (OSError, ValueError, _EntryNotFoundError)
 
 
+# model families: UNet + DDPM-style forward process, or a rectified-flow transformer (docs/FLOW.md)
+UNET_FAMILIES = ("sd", "sdxl")
+FLOW_FAMILIES = ("sd3", "flux")
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+# the pipeline class of each flow family and the text slots of its model_index.json, in its encode_prompt order
+FLOW_TEXT_SLOTS = {
+    "sd3": (("text_encoder", "tokenizer", "CLIPTextModelWithProjection"),
+            ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
+            ("text_encoder_3", "tokenizer_3", "T5EncoderModel")),
+    "flux": (("text_encoder", "tokenizer", "CLIPTextModel"), ("text_encoder_2", "tokenizer_2", "T5EncoderModel")),
+}
+FLOW_TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+
+
 @dataclass
 class DiffusionComponents:
     unet: Any
@@ -43,6 +57,27 @@ class DiffusionComponents:
     source: str = ""
     # The VAE's config even when its weights were not loaded (cached-latent runs still need its shape).
     vae_config: Optional[dict] = None
+    family: str = "sd"  # "sd" | "sdxl" | "sd3" | "flux"
+    transformer: Any = None  # the denoiser of a flow family (unet is None then)
+    # flow families: text encoders / tokenizers by their pipeline slot name (None where the pipeline has none,
+    # e.g. SD3 without T5), as the pipeline's own encode_prompt reads them
+    text_slots: dict = field(default_factory=dict)
+
+    @property
+    def is_flow(self) -> bool:
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def denoiser(self):
+        """The trained network: the UNet, or the flow transformer."""
+        return self.transformer if self.is_flow else self.unet
+
+    @denoiser.setter
+    def denoiser(self, module) -> None:
+        if self.is_flow:
+            self.transformer = module
+        else:
+            self.unet = module
 
     def _vae_config(self) -> Optional[dict]:
         return dict(self.vae.config) if self.vae is not None else self.vae_config
@@ -59,7 +94,14 @@ class DiffusionComponents:
         config = self._vae_config()
         if config is not None:
             return config["latent_channels"]
-        return self.unet.config.in_channels
+        return self.denoiser.config.in_channels // (4 if self.family == "flux" else 1)
+
+    @property
+    def latent_shift_and_scale(self) -> tuple[float, float]:
+        """``latents = (vae_latents - shift) * scale`` (SD3 / FLUX have a shift; SD / SDXL none)."""
+        config = self._vae_config() or {}
+        shift = config.get("shift_factor")
+        return float(shift or 0.0), float(config.get("scaling_factor", 0.18215))
 
 
 # ---------------------------------------------------------------- errors
@@ -128,6 +170,19 @@ def _read_model_index(pretrained: str, *, revision=None, local_files_only=False)
 def _has_component(index: dict, name: str) -> bool:
     entry = index.get(name)
     return isinstance(entry, (list, tuple)) and entry[0] is not None and entry[1] is not None
+
+
+def pipeline_family(index: dict, where: str = "") -> str:
+    """"sd", "sdxl", "sd3" or "flux" from a pipeline's model_index.json; other transformer pipelines are refused."""
+    class_name = str(index.get("_class_name", ""))
+    if class_name in FLOW_PIPELINES:
+        return FLOW_PIPELINES[class_name]
+    if _has_component(index, "transformer") and not _has_component(index, "unet"):
+        raise UserFacingError(
+            f"{where or 'the model'} is a {class_name or 'transformer pipeline'}; t2ialign trains UNet pipelines "
+            f"(SD 1.x / 2.x / SDXL) and the flow pipelines {', '.join(FLOW_PIPELINES)}. Fix: give one of those"
+        )
+    return "sdxl" if _has_component(index, "text_encoder_2") or "XL" in class_name else "sd"
 
 
 def _resolve(pretrained: str) -> str:
@@ -251,8 +306,15 @@ def _text_stack(
     return encoders, tokenizers
 
 
-def load_noise_scheduler(pretrained: str, *, revision=None, local_files_only: bool = False) -> DDPMScheduler:
-    """The training-time forward process: DDPM with the pipeline's own betas and prediction type."""
+def load_noise_scheduler(pretrained: str, *, revision=None, local_files_only: bool = False, family: str = "sd"):
+    """The training-time forward process: DDPM with the pipeline's own betas and prediction type, or (flow
+    families) the pipeline's FlowMatchEulerDiscreteScheduler, whose sigma table carries the model's shift."""
+    if family in FLOW_FAMILIES:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        with _translate_not_found("scheduler config", pretrained, "scheduler"):
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(
+                _resolve(pretrained), subfolder="scheduler", revision=revision, local_files_only=local_only(local_files_only))
     with _translate_not_found("scheduler config", pretrained, "scheduler"):
         return DDPMScheduler.from_pretrained(
             _resolve(pretrained), subfolder="scheduler", revision=revision, local_files_only=local_only(local_files_only)
@@ -283,8 +345,14 @@ def load_components(
         _require_existing_dir(str(vae), "VAE")  # fail before loading anything heavy
     index = _read_model_index(pretrained, revision=revision, local_files_only=local_files_only)
     location = _resolve(pretrained)
-    is_sdxl = _has_component(index, "text_encoder_2") or "XL" in str(index.get("_class_name", ""))
+    family = pipeline_family(index, pretrained)
     hub = dict(revision=revision, local_files_only=local_files_only)
+    if family in FLOW_FAMILIES:
+        return _load_flow_components(
+            index, location, pretrained, family, vae=vae, dtype=dtype, device=device, variant=variant,
+            load_denoiser=load_unet, load_vae=load_vae, load_text_encoders=load_text_encoders,
+            load_tokenizers=load_text_encoders if load_tokenizers is None else load_tokenizers, **hub)
+    is_sdxl = family == "sdxl"
 
     noise_scheduler = load_noise_scheduler(pretrained, **hub)
     unet = (
@@ -310,6 +378,57 @@ def load_components(
         prediction_type=noise_scheduler.config.prediction_type,
         source=pretrained,
         vae_config=vae_config,
+        family=family,
+    )
+
+
+def load_transformer(pretrained_or_dir: str, family: str, *, subfolder: Optional[str] = None, dtype=torch.float32,
+                     device="cpu", revision=None, variant=None, local_files_only: bool = False):
+    """A flow transformer (SD3Transformer2DModel / FluxTransformer2DModel) from a pipeline's ``transformer/`` or a
+    bare export directory (a training run's ``final/transformer``)."""
+    import diffusers
+
+    cls = getattr(diffusers, FLOW_TRANSFORMERS[family])
+    return _load_model(cls, "transformer", "transformer", pretrained_or_dir, subfolder, hub_uses_subfolder=True,
+                       dtype=dtype, device=device, revision=revision, variant=variant,
+                       local_files_only=local_only(local_files_only))
+
+
+def _flow_text_slots(index, location, family, *, dtype, device, revision, variant, local_files_only,
+                     load_encoders, load_tokenizers) -> dict:
+    slots = {}
+    for encoder_name, tokenizer_name, default_class in FLOW_TEXT_SLOTS[family]:
+        present = _has_component(index, encoder_name)
+        slots[encoder_name] = slots[tokenizer_name] = None
+        if present and load_tokenizers:
+            slots[tokenizer_name] = _load_tokenizer(location, tokenizer_name, revision=revision,
+                                                    local_files_only=local_files_only)
+        if present and load_encoders:
+            slots[encoder_name] = _load_text_encoder(
+                _transformers_class(index, encoder_name, default_class), location, encoder_name, dtype=dtype,
+                device=device, revision=revision, variant=variant, local_files_only=local_files_only)
+    return slots
+
+
+def _load_flow_components(index, location, pretrained, family, *, vae, dtype, device, variant, revision,
+                          local_files_only, load_denoiser, load_vae, load_text_encoders, load_tokenizers):
+    hub = dict(revision=revision, local_files_only=local_files_only)
+    noise_scheduler = load_noise_scheduler(pretrained, family=family, **hub)
+    transformer = None
+    if load_denoiser:
+        transformer = load_transformer(location if Path(location).is_dir() else pretrained, family, subfolder="transformer",
+                                       dtype=dtype, device=device, variant=variant, **hub)
+    vae_model = _load_vae_for(location, vae, dtype=dtype, device=device, variant=variant, **hub) if load_vae else None
+    vae_config = dict(vae_model.config) if vae_model is not None else _vae_config_or_none(location, vae, **hub)
+    slots = _flow_text_slots(index, location, family, dtype=dtype, device=device, variant=variant,
+                             load_encoders=load_text_encoders, load_tokenizers=load_tokenizers, **hub)
+    names = FLOW_TEXT_SLOTS[family]
+    return DiffusionComponents(
+        unet=None, vae=vae_model,
+        text_encoders=[slots[e] for e, _, _ in names if slots[e] is not None],
+        tokenizers=[slots[t] for _, t, _ in names if slots[t] is not None],
+        noise_scheduler=noise_scheduler, is_sdxl=False, prediction_type="flow", source=pretrained,
+        vae_config=vae_config, family=family, transformer=transformer, text_slots=slots,
     )
 
 
@@ -350,6 +469,8 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 def set_attention_backend(unet, backend: str = "sdpa") -> None:
     """Route the UNet's attention through PyTorch SDPA (default) or xformers' memory-efficient kernels."""
     unet = getattr(unet, "module", unet)
+    if backend == "sdpa" and not isinstance(unet, UNet2DConditionModel):
+        return  # SD3 / FLUX transformers: their default (joint) attention processors already call SDPA
     if backend == "sdpa":
         from diffusers.models.attention_processor import AttnProcessor2_0
 

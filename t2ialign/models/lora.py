@@ -126,6 +126,26 @@ def save_lora_weights(unet, output_dir, is_sdxl: bool, adapter_name: str = "defa
     return output_dir
 
 
+def save_transformer_lora_weights(transformer, output_dir, family: str, adapter_name: str = "default") -> Path:
+    """A flow transformer's adapter (SD3 / FLUX) through its pipeline class's ``save_lora_weights``: the file
+    ``StableDiffusion3Pipeline.load_lora_weights`` / ``FluxPipeline.load_lora_weights`` read (keys ``transformer.*``,
+    adapter metadata with lora_alpha in the header)."""
+    from t2ialign.models.flow_text import flow_pipeline_class
+
+    model = _unwrap(transformer)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    flow_pipeline_class(family).save_lora_weights(
+        output_dir,
+        transformer_lora_layers=get_peft_model_state_dict(model, adapter_name=adapter_name),
+        transformer_lora_adapter_metadata=model.peft_config[adapter_name].to_dict(),
+        weight_name=LORA_WEIGHTS_NAME,
+        safe_serialization=True,
+    )
+    (output_dir / LORA_CONFIG_NAME).write_text(json.dumps(lora_config_summary(model, adapter_name), indent=2))
+    return output_dir
+
+
 # ---------------------------------------------------------------- kohya / A1111 / ComfyUI format
 
 KOHYA_SUFFIX = "_kohya.safetensors"

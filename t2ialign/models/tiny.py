@@ -262,7 +262,15 @@ def tiny_sd_components(
 
 
 def pipeline_from_components(components: dict):
-    """The diffusers pipeline matching ``components`` (SDXL when it has a second text encoder)."""
+    """The diffusers pipeline matching ``components``.
+
+    Flow families have a ``transformer``: SD3 with its third (T5) text encoder, FLUX otherwise; UNet
+    families are SDXL when they have a second text encoder, SD1.x/2.x otherwise.
+    """
+    if "transformer" in components:
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        return (StableDiffusion3Pipeline if "text_encoder_3" in components else FluxPipeline)(**components)
     if "text_encoder_2" in components:
         return StableDiffusionXLPipeline(**components)
     sd = dict(components)

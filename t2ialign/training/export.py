@@ -29,13 +29,28 @@ def write_kohya_copy(lora_dir: Path, name: str):
         return None
 
 
+def _export_flow(transformer, family: str, tmp: Path) -> tuple[str, str]:
+    """``transformer/`` (full fine-tune) or ``lora/`` in the format the family's pipeline loads."""
+    from t2ialign.models.lora import save_transformer_lora_weights
+
+    if is_lora_model(transformer):
+        save_transformer_lora_weights(transformer, tmp / "lora", family)
+        return "lora", "pipe.load_lora_weights('<export>/lora')"
+    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    cls = type(getattr(transformer, "module", transformer)).__name__
+    return "transformer", f"{cls}.from_pretrained('<export>/transformer'), passed as transformer= to the base pipeline"
+
+
 def export_model(unet, components, config: TrainConfig, export_dir: Path) -> Path:
     """Write ``export_dir/unet`` (full fine-tune) or ``export_dir/lora`` atomically, plus ``export.json``."""
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(export_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if is_lora_model(unet):
+    family = getattr(components, "family", "sdxl" if components.is_sdxl else "sd")
+    if components.is_flow:
+        kind, load_hint = _export_flow(unet, family, tmp)
+    elif is_lora_model(unet):
         save_lora_weights(unet, tmp / "lora", is_sdxl=components.is_sdxl)
         write_kohya_copy(tmp / "lora", Path(config.output_dir).name)
         kind, load_hint = "lora", "pipe.load_lora_weights('<export>/lora')"
@@ -47,6 +62,7 @@ def export_model(unet, components, config: TrainConfig, export_dir: Path) -> Pat
         "base_model": config.model.pretrained,
         "objective": config.objective.name,
         "is_sdxl": components.is_sdxl,
+        "family": family,
         "prediction_type": components.prediction_type,
         "how_to_load": load_hint,
         # processes of the run (accelerate / torchrun set WORLD_SIZE): the effective batch on the model card

@@ -147,6 +147,7 @@ def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest)
     if reference is not None:
         reference.to(accelerator.device)
     models = StepModels(policy, accelerator.unwrap_model(policy), reference, components, lora=config.lora.enabled)
+    step_fn = _step_function(config, components)
 
     state = TrainerState()
     resume_from = Path(start.resume_from) if start.resume_from else None
@@ -172,7 +173,8 @@ def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest)
     batches = _merging_bad_rows(iter(make_loader(dataset, collate, sampler, config.data.num_workers)),
                                 getattr(dataset, "report", None))
     saver = CheckpointSaver(config, accelerator, models.policy, optimizer, lr_scheduler, resume_from, state.global_step)
-    alarm = _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable, saver, stop)
+    alarm = _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable, saver,
+                       stop, step_fn)
 
     export_dir = output_dir / "final"
     if config.model.policy_dtype != "fp32":  # export the fp32 masters, not their bf16 rounding
@@ -189,6 +191,22 @@ def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest)
     if config.push_to_hub and accelerator.is_main_process:
         _push(config, output_dir)
     return TrainResult(output_dir, export_dir, state.global_step, state.bad_steps_total, models.policy_unwrapped, alarm)
+
+
+def _step_function(config: TrainConfig, components):
+    """``preference_step`` (UNet families) or ``flow_preference_step`` (SD3 / FLUX) with the run's settings bound."""
+    from functools import partial
+
+    if not components.is_flow:
+        return partial(preference_step, resolution=config.data.resolution, prompt_dropout=config.data.prompt_dropout,
+                       time_ids_mode=config.data.time_ids)
+    from t2ialign.flow_noising import FlowTimestepSampling
+    from t2ialign.training.flow_step import FlowSettings, flow_preference_step
+
+    flow = config.flow
+    sampling = FlowTimestepSampling(flow.weighting_scheme, flow.logit_mean, flow.logit_std, flow.mode_scale, flow.loss_weighting)
+    settings = FlowSettings(sampling, flow.guidance_scale, flow.max_sequence_length)
+    return partial(flow_preference_step, prompt_dropout=config.data.prompt_dropout, settings=settings)
 
 
 def _push(config: TrainConfig, output_dir: Path) -> None:
@@ -257,9 +275,10 @@ def _warn_on_changed_layout(config, accelerator, state: TrainerState, path):
 
 
 def _run_steps(config, accelerator, models, spec, params, optimizer, lr_scheduler, batches, state, trainable,
-               saver: CheckpointSaver, stop: StopRequest | None = None) -> Optional[dict]:
+               saver: CheckpointSaver, stop: StopRequest | None = None, step_fn=None) -> Optional[dict]:
     """The optimizer steps up to ``max_steps``; returns the over-optimisation alarm when it stopped the run early."""
     log_path = Path(config.output_dir) / "metrics.jsonl"
+    step_fn = step_fn or _step_function(config, models.components)
     averager = MetricAverager(state)
     progress = tqdm(
         total=config.max_steps, initial=state.global_step, desc=f"{spec.name} training", unit="step",
@@ -278,10 +297,7 @@ def _run_steps(config, accelerator, models, spec, params, optimizer, lr_schedule
         batch = next(batches)
         generator = micro_step_generator(config.seed, state.micro_step, accelerator.process_index, accelerator.device)
         with accelerator.accumulate(models.policy), accelerator.autocast():
-            output = preference_step(
-                models, spec, params, batch, resolution=config.data.resolution,
-                prompt_dropout=config.data.prompt_dropout, generator=generator, time_ids_mode=config.data.time_ids,
-            )
+            output = step_fn(models, spec, params, batch, generator=generator)
             accelerator.backward(output.loss)
             averager.add(output.loss, output.metrics)
             if accelerator.sync_gradients:

@@ -60,7 +60,10 @@ def load_training_components(config: TrainConfig, device):
 def check_loaded_scheduler(config: TrainConfig, spec: ObjectiveSpec, components) -> None:
     """The scheduler check of ``check_model_source`` again on the loaded config (covers hub models that were
     not cached yet, whose scheduler config could not be read before loading)."""
-    from t2ialign.preflight import check_scheduler_compat
+    from t2ialign.preflight import check_flow_support, check_scheduler_compat
+
+    if components.is_flow:
+        check_flow_support(config, components.family)
 
     scheduler_config = dict(components.noise_scheduler.config)
     scheduler_config.setdefault("_class_name", type(components.noise_scheduler).__name__)
@@ -69,7 +72,7 @@ def check_loaded_scheduler(config: TrainConfig, spec: ObjectiveSpec, components)
 
 def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, components):
     """Policy UNet (fp32 master weights, or LoRA on a frozen base) and, if needed, a frozen reference."""
-    unet = components.unet
+    unet = components.denoiser  # the UNet, or the flow transformer (SD3 / FLUX)
     set_attention_backend(unet, config.model.attention)
     reference = None
     if config.lora.enabled:

@@ -39,13 +39,18 @@ def _latents_from_batch(models: StepModels, batch: dict, generator: torch.Genera
         # the VAE posterior, sampled with the same generator draw as latent_dist.sample(generator) below
         mean, std = (batch[k].to(device, torch.float32, non_blocking=True) for k in ("latent_mean", "latent_std"))
         eps = randn_tensor(mean.shape, generator=generator, device=device, dtype=torch.float32)
-        return (mean + std * eps) * batch["latent_scaling_factor"]
+        return _shift_and_scale(mean + std * eps, batch.get("latent_shift_factor"), batch["latent_scaling_factor"])
     vae = models.components.vae
     pixels = batch["pixel_values"].to(vae.device, vae.dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample(generator=generator)
     # contiguous: the CPU VAE returns channels_last, which sends the UNet down other kernels (1e-7 apart) than cached latents
-    return (latents * vae.config.scaling_factor).contiguous()
+    return _shift_and_scale(latents, vae.config.get("shift_factor"), vae.config.scaling_factor).contiguous()
+
+
+def _shift_and_scale(latents: Tensor, shift, scale) -> Tensor:
+    """``(z - shift) * scale``: SD3 / FLUX VAEs have a shift_factor, SD / SDXL ones none (left out, not subtracted)."""
+    return (latents - shift) * scale if shift else latents * scale
 
 
 def _pair_captions(spec: ObjectiveSpec, batch: dict, dropout: float, generator: torch.Generator) -> list[str]:

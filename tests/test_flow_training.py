@@ -203,6 +203,35 @@ def test_flow_training_from_cache_equals_training_from_images(flow_dirs, pickapi
     assert_same_trajectory(runs["images"], runs["cache"])
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; a bf16 run in this process needs it reset before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_memory_levers(flow_dirs, pickapic_parquet, tmp_path, family, fresh_accelerator_state):
+    """Gradient checkpointing changes nothing; bf16 weights with fp32 masters in host RAM (optim.offload) start
+    DPO at ln 2 exactly (policy and reference are the same bf16 weights) and export the fp32 masters."""
+    from safetensors.torch import load_file
+
+    from accelerate.state import AcceleratorState
+
+    plain = train_flow(flow_config(flow_dirs[family], pickapic_parquet, tmp_path / "plain"))[1]
+    checkpointed = train_flow(flow_config(flow_dirs[family], pickapic_parquet, tmp_path / "ckpt", gradient_checkpointing=True))[1]
+    assert_same_trajectory(plain, checkpointed)
+    AcceleratorState._reset_state(True)
+    bf16 = train_flow(flow_config(flow_dirs[family], pickapic_parquet, tmp_path / "bf16", mixed_precision="bf16",
+                                  model={"policy_dtype": "bf16", "reference_dtype": "bf16"}, optim={"offload": True}))[1]
+    assert bf16[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    exported = load_file(str(next((tmp_path / "bf16/final/transformer").glob("*.safetensors"))))
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+
+
 def test_inpo_is_refused_for_flow_models_in_one_line(flow_dirs, pickapic_parquet, tmp_path):
     from t2ialign.config import ConfigError, load_train_config
     from t2ialign.preflight import check_model_source

@@ -90,7 +90,10 @@ def build_policy_and_reference(config: TrainConfig, spec: ObjectiveSpec, compone
             param.data = param.data.float()
     else:
         if config.model.policy_dtype == "bf16":  # the fp32 masters are kept by the optimizer (optim.offload)
-            unet.to(dtype=torch.bfloat16)
+            # parameters only: fixed float buffers (SD3's sin-cos position table) keep their precision, in training
+            # and in the export, which writes the masters back into the parameters but has no master for a buffer
+            for param in unet.parameters():
+                param.data = param.data.to(torch.bfloat16)
         if spec.needs_reference and not config.compile:  # copied from the policy as it computes (after its dtype is set)
             autocast_dtype = None if config.mixed_precision == "no" else DTYPES[config.mixed_precision]
             reference = frozen_reference(unet, DTYPES[config.model.reference_dtype], autocast_dtype)

@@ -1,4 +1,4 @@
-"""``t2ialign sample``: images for a prompt set from a base model, an aligned UNet or LoRA, or RL guidance."""
+"""``t2ialign sample``: images for a prompt set from a base model, an aligned UNet / transformer or LoRA, or RL guidance."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ HELP = """Sample images for a prompt set with a fixed seed per prompt (identical
   t2ialign sample --model stabilityai/stable-diffusion-xl-base-1.0 --prompts partiprompts --out samples/base
   t2ialign sample --model BASE --aligned runs/sdxl-dpo/final --out samples/dpo
   t2ialign sample --model BASE --guide-with runs/sdxl-dpo/final --rlg-scale 1.5 --out samples/rlg1.5
+Bases: SD 1.x / 2.x, SDXL, SD3 / SD3.5 and FLUX pipelines (for FLUX.1-dev --guidance is its distilled guidance
+input, e.g. 3.5; RL guidance then mixes the guided velocities of the base and aligned transformers).
 Prompt sets: partiprompts, geneval, hpsv2, pickapic_test_unique, or a .txt (one prompt per line) / .tsv / .jsonl file.
 Interrupted runs continue where they stopped (existing images are kept). Writes images/ and metadata.jsonl."""
 
@@ -25,7 +27,7 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file with SampleConfig keys (flags override it)")
     parser.add_argument("--model", help="base pipeline: hub id or local diffusers directory (required unless --config "
                         "sets pretrained)")
-    parser.add_argument("--aligned", help="sample this aligned model (training export, UNet or LoRA directory)")
+    parser.add_argument("--aligned", help="sample this aligned model (training export, UNet / transformer or LoRA directory)")
     parser.add_argument("--guide-with", dest="guide_with", help="RL guidance: aligned model mixed with the base")
     parser.add_argument("--rlg-scale", dest="rlg_scale", type=float, help="RL guidance scale w (0 = base, 1 = aligned, >1 extrapolates)")
     parser.add_argument("--prompts", help="prompt set name or file (default: partiprompts)")
@@ -34,13 +36,13 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (default 1)")
     parser.add_argument("--seed", type=int, help="base seed (default 0)")
     parser.add_argument("--steps", type=int, help="inference steps (default 30)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 5.0)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 5.0; FLUX.1-dev: the distilled guidance)")
     parser.add_argument("--resolution", type=int, help="image size (default: the model's)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="images per pipeline call (default 4)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="GPU precision (CPU always runs fp32)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, or auto (default)")
     parser.add_argument("--scheduler", help="diffusers scheduler class, e.g. DDIMScheduler")
-    parser.add_argument("--compile", action="store_const", const=True, help="torch.compile the UNet(s); the first batch "
+    parser.add_argument("--compile", action="store_const", const=True, help="torch.compile the UNet(s) / transformer(s); the first batch "
                         "compiles (minutes on SDXL), later runs reuse ~/.cache/t2ialign/torchinductor")
     parser.add_argument("--compile-mode", dest="compile_mode", choices=["default", "reduce-overhead", "max-autotune"],
                         help="Inductor mode; reduce-overhead replays CUDA graphs (fewest kernel launches per step)")

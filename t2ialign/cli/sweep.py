@@ -10,6 +10,7 @@ folder and plot score vs w. Every w uses the same prompts and initial latents.
       --scales 0,0.5,1,1.5,2,3 --scorers pickscore,hpsv21 --prompts partiprompts --limit 200 --out sweeps/dpo
 
 w = 0 is the base model, w = 1 the aligned model, w > 1 extrapolates (docs/ALGORITHMS.md section 5).
+The same for SD3 / SD3.5 and FLUX bases with an aligned transformer or transformer LoRA export.
 Writes <out>/w<scale>/ (images, metadata.jsonl, scores.jsonl), <out>/sweep.json (mean score per scorer
 with a bootstrap CI over prompts, win rate vs w = 0) and <out>/sweep.png. Interrupted sweeps resume."""
 
@@ -58,7 +59,7 @@ def run(args) -> int:
         args.guide_with = aligned
     config = config_from_args(args)
     if not config.guide_with:
-        raise UserFacingError("--guide-with: name the aligned model (training export, UNet or LoRA directory)")
+        raise UserFacingError("--guide-with: name the aligned model (training export, UNet / transformer or LoRA directory)")
     out = args.out or (config.output_dir if config.output_dir != SampleConfig.output_dir else "sweep")
     names = parse_scorer_list(args.scorers)
     paths = {canonical_scorer_name(k): v for k, v in scorer_paths(args.scorer_paths).items()}

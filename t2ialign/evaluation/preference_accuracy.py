@@ -32,6 +32,11 @@ def _aligned_unet(components, aligned: str, dtype, device):
     from t2ialign.models.pipeline import resolve_aligned
 
     kind, directory = resolve_aligned(aligned)
+    if kind == "transformer" or components.is_flow:
+        from t2ialign.errors import UserFacingError
+
+        raise UserFacingError(f"implicit-reward accuracy is computed for UNet models (SD / SDXL); {aligned} is a flow "
+                              "transformer (SD3 / FLUX), which it does not support yet")
     base = components.unet.eval().requires_grad_(False)
     if kind == "unet":
         policy = UNet2DConditionModel.from_pretrained(directory, dtype=dtype).to(device, dtype).eval().requires_grad_(False)

@@ -35,10 +35,29 @@ def image_seed(config: SampleConfig, prompt_index: int, image_index: int) -> int
 
 
 def initial_latents(pipe, seeds: list[int], height: int, width: int) -> torch.Tensor:
-    """Per-image noise drawn on the CPU from its own seed: identical across models, devices and batch sizes."""
-    channels = pipe.unet.config.in_channels
-    shape = (channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+    """Per-image noise drawn on the CPU from its own seed: identical across models, devices and batch sizes.
+
+    In the layout the pipeline takes as ``latents=``: (C, H/f, W/f) per image, and for FLUX the same noise
+    packed into 2x2 patches (``FluxPipeline._pack_latents``), as its own ``prepare_latents`` draws it."""
+    from t2ialign.models.pipeline import pipeline_denoiser
+
+    channels = pipeline_denoiser(pipe).config.in_channels
+    pack = getattr(pipe, "_pack_latents", None)
+    if pack is None:
+        shape = (channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    else:  # packed latents: in_channels counts the 2x2 patch, the latent size is a multiple of 2
+        channels //= 4
+        shape = (channels, 2 * (height // (2 * pipe.vae_scale_factor)), 2 * (width // (2 * pipe.vae_scale_factor)))
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+    return noise if pack is None else pack(noise, len(seeds), *shape)
+
+
+def default_size(pipe) -> int:
+    """The pipeline's own default image size (SDXL, SD3, FLUX: ``default_sample_size``; SD 1.x: the UNet's)."""
+    from t2ialign.models.pipeline import pipeline_denoiser
+
+    sample_size = getattr(pipe, "default_sample_size", None) or pipeline_denoiser(pipe).config.sample_size
+    return int(sample_size) * pipe.vae_scale_factor
 
 
 def sampling_dtype(config: SampleConfig, device: str) -> str:
@@ -113,17 +132,15 @@ def build_sampler(config: SampleConfig, device: str):
 
 
 def _apply_speed_levers(config: SampleConfig, pipe) -> None:
-    """compile / channels-last on the UNets inside the pipeline (with RL guidance: the base and the aligned one)."""
+    """compile / channels-last on the denoisers inside the pipeline (with RL guidance: the base and the aligned one)."""
     if not (config.compile or config.channels_last):
         return
+    from t2ialign.guidance import RLGDenoiser
+    from t2ialign.models.pipeline import pipeline_denoiser
     from t2ialign.models.speed import apply_speed_settings
 
-    unet = pipe.unet
-    unets = [getattr(unet, "base", unet)]
-    tuned = getattr(unet, "tuned", None)
-    if tuned is not None and tuned is not unets[0]:
-        unets.append(tuned)
-    apply_speed_settings(config, *unets)
+    denoiser = pipeline_denoiser(pipe)
+    apply_speed_settings(config, *(denoiser.models() if isinstance(denoiser, RLGDenoiser) else [denoiser]))
 
 
 def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] = None, pipe=None) -> Path:
@@ -138,6 +155,7 @@ def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] 
     components) instead of loading ``config.pretrained`` / ``config.aligned``."""
     from t2ialign.data.files import prepare_output_dir
     from t2ialign.evaluation.prompts import load_prompt_set
+    from t2ialign.models.pipeline import pipeline_denoiser
 
     records = records if records is not None else load_prompt_set(config.prompts, limit=config.limit)
     output_dir = prepare_output_dir(config.output_dir, "output_dir (--out)")
@@ -157,13 +175,13 @@ def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] 
     if not jobs:
         return output_dir
     pipe, extra = build_sampler(config, device) if pipe is None else (pipe, {})
-    size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = config.resolution or default_size(pipe)
     # a context: the bar ends its line on an error too, so the CLI's one-line error starts a line of its own
     with tqdm(total=len(jobs), desc=f"sampling {output_dir.name}", unit="img", disable=not config.progress_bar) as bar:
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
             seeds = [job["seed"] for job in batch]
-            latents = initial_latents(pipe, seeds, size, size).to(device, pipe.unet.dtype)
+            latents = initial_latents(pipe, seeds, size, size).to(device, pipeline_denoiser(pipe).dtype)
             images = pipe(
                 prompt=[job["prompt"] for job in batch], latents=latents, height=size, width=size,
                 num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,

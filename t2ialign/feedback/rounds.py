@@ -258,6 +258,11 @@ def _init_step(recipe, policy: tuple, out: Path) -> str:
     from t2ialign.models.pipeline import resolve_aligned
 
     kind, weights = resolve_aligned(policy[1])
+    if kind == "transformer":
+        from t2ialign.errors import UserFacingError
+
+        raise UserFacingError(f"pairs rounds: {policy[1]} is a flow transformer (SD3 / FLUX); on-policy rounds merge "
+                              "UNet exports only for now")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -1,126 +1,16 @@
 """``RLGUNet``: the RL-guidance denoiser, a drop-in ``unet`` for the diffusers SD / SDXL pipelines.
 
-RLG (docs/ALGORITHMS.md section 5) mixes the CFG predictions of the base and the aligned model::
-
-    pred = CFG_g(base) + w * (CFG_g(tuned) - CFG_g(base))
-
-CFG is linear, so mixing the two UNets' raw outputs on the pipeline's ``[uncond; cond]`` batch,
-``base_out + w * (tuned_out - base_out)``, and letting the pipeline apply CFG gives exactly this, each
-model with its own unconditional branch. That holds for any scheduler and for epsilon, v and flow
-predictions, but not with ``guidance_rescale > 0`` (non-linear), which the wrapper refuses.
-
-Two kinds of aligned model:
-* a full UNet (``tuned`` is another module): two sequential forwards per step;
-* a LoRA on the base (``tuned=None``; base = the same UNet with its adapters off): by default ONE forward
-  on the batch duplicated, ``[x; x]``, where forward hooks on every peft ``lora_B`` multiply the adapter's
-  output by a per-sample mask (0 for the base half, 1 for the tuned half). ``batched=False`` (or a CUDA
-  out-of-memory error in the batched forward) uses two sequential forwards instead.
-
-``w == 0`` and ``w == 1`` run a single model. ``w`` may follow a per-step schedule: the step index is the
-position of the current timestep among the pipeline scheduler's distinct timesteps (so a Heun-type
-scheduler evaluating twice at the same timestep uses the same ``w``); the wrapper finds the scheduler
-through the pipeline it was attached to (``attach``, done by ``make_rlg_pipeline``).
+The mixing, the LoRA batching and the per-step schedules are ``RLGDenoiser``'s (guidance/denoiser.py);
+this class gives it ``UNet2DConditionModel``'s call signature and output.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-import weakref
-from typing import Any, Optional, Sequence
-
-import torch
 from torch import nn
 
-from t2ialign.errors import UserFacingError
-
-logger = logging.getLogger(__name__)
-
-# attributes of the base UNet the pipelines (and users) may read through the wrapper
-_FORWARDED = ("config", "add_embedding", "encoder_hid_proj", "time_embedding", "conv_in", "dtype", "device",
-              "attn_processors", "peft_config", "_hf_hook")
+from .denoiser import RLGDenoiser, RLGError  # noqa: F401  (RLGError: historical import path)
 
 
-class RLGError(UserFacingError):
-    """A setting under which RL guidance would not compute what it promises."""
-
-
-def _lora_layers(unet) -> list:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
-
-
-def _maskable(layers) -> tuple[bool, str]:
-    """Whether every LoRA layer computes ``result + lora_B(lora_A(dropout(x))) * scaling`` (plain LoRA on a
-    Linear / Conv layer), so that masking ``lora_B``'s output per sample removes the adapter per sample."""
-    from peft.tuners.lora.layer import Linear, _ConvNd
-
-    for layer in layers:
-        if not isinstance(layer, (Linear, _ConvNd)):
-            return False, f"{type(layer).__name__} LoRA layers"
-        if getattr(layer, "lora_variant", None):
-            return False, "LoRA variants (DoRA, ...)"
-    return True, ""
-
-
-@contextlib.contextmanager
-def _adapters_enabled(layers, enabled: bool):
-    """Inside, these LoRA layers are all on (``enabled``) or all off; the previous state comes back.
-    (Sets peft's flag directly: ``enable_adapters`` would also flip ``requires_grad`` of the adapter weights.)"""
-    before = [layer.disable_adapters for layer in layers]
-    for layer in layers:
-        layer._disable_adapters = not enabled
-    try:
-        yield
-    finally:
-        for layer, was in zip(layers, before):
-            layer._disable_adapters = was
-
-
-class _LoraMask:
-    """Forward hooks on every ``lora_B`` multiplying its output by a per-sample mask (batch on dim 0).
-
-    The hooks stay registered (a no-op while ``mask`` is None), so a torch.compile'd UNet sees stable hooks."""
-
-    def __init__(self, layers):
-        self.mask: Optional[torch.Tensor] = None
-        self.handles = [b.register_forward_hook(self._hook) for layer in layers for b in layer.lora_B.values()]
-
-    def _hook(self, module, args, output):
-        mask = self.mask
-        if mask is None:
-            return None
-        if output.shape[0] != mask.shape[0]:
-            raise RuntimeError(f"LoRA output batch {output.shape[0]} != mask batch {mask.shape[0]}: a LoRA layer "
-                               "does not keep the batch on dim 0; use batched=False")
-        return output * mask.view(-1, *([1] * (output.ndim - 1))).to(output.dtype)
-
-    @contextlib.contextmanager
-    def applied(self, mask: torch.Tensor):
-        self.mask = mask
-        try:
-            yield
-        finally:
-            self.mask = None
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
-def _duplicate(value: Any, n: int) -> Any:
-    """``[v; v]`` for every tensor with batch ``n`` on dim 0 (recursing into dicts, lists, tuples)."""
-    if isinstance(value, torch.Tensor):
-        return torch.cat([value, value]) if value.ndim > 0 and value.shape[0] == n else value
-    if isinstance(value, dict):
-        return {k: _duplicate(v, n) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_duplicate(v, n) for v in value)
-    return value
-
-
-class RLGUNet(nn.Module):
+class RLGUNet(RLGDenoiser):
     """``base_out + w * (tuned_out - base_out)`` with the call signature of ``UNet2DConditionModel``.
 
     Args:
@@ -131,159 +21,16 @@ class RLGUNet(nn.Module):
         batched: LoRA only: base and adapted branches in one forward on the duplicated batch.
     """
 
-    def __init__(self, base: nn.Module, tuned: Optional[nn.Module] = None, w: float = 1.0,
-                 schedule: Optional[Sequence[float]] = None, batched: bool = True):
-        super().__init__()
-        self.base = base
-        self.is_lora = tuned is None or tuned is base
-        if self.is_lora:
-            layers = _lora_layers(base)
-            if not layers:
-                raise RLGError("RL guidance with tuned=None needs a UNet with LoRA adapters (a LoRA directory or "
-                               "add_lora); for a full aligned UNet pass it as `tuned`")
-            if any(getattr(layer, "merged", False) for layer in layers):
-                raise RLGError("the LoRA is fused into the base weights (fuse_lora); unfuse it for RL guidance, "
-                               "which needs the base with the adapter off")
-            ok, why = _maskable(layers)
-            if batched and not ok:
-                logger.warning("RLG: %s cannot be masked per sample; evaluating base and LoRA sequentially", why)
-            self._lora_layers = layers
-            self._lora_mask = _LoraMask(layers) if ok else None
-            self.batched = bool(batched and ok)
-        else:
-            self.tuned = tuned
-            self._lora_layers = []
-            self._lora_mask = None
-            self.batched = False
-        self.w = float(w)
-        self.schedule = [float(x) for x in schedule] if schedule is not None else None
-        self.last_w: Optional[float] = None
-        self._pipe = None
-        self._steps_cache: tuple = (None, None)
-        self._masks: dict = {}
-
-    # ------------------------------------------------------------------ what the pipelines read
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        base = self._modules.get("base")
-        if base is None or name not in _FORWARDED:
-            raise AttributeError(
-                f"RLGUNet has no attribute {name!r} (it forwards {', '.join(_FORWARDED)} from the base UNet; "
-                "call other UNet methods on .base / .tuned)")
-        return getattr(base, name)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
-
-    @property
-    def config(self):
-        return self.base.config
-
-    def remove_hooks(self) -> None:
-        """Take the LoRA mask hooks off the (shared) UNet; the wrapper then evaluates LoRA branches sequentially."""
-        if self._lora_mask is not None:
-            self._lora_mask.remove()
-            self._lora_mask = None
-        self.batched = False
+    _FORWARDED = ("config", "add_embedding", "encoder_hid_proj", "time_embedding", "conv_in", "dtype", "device",
+                  "attn_processors", "peft_config", "_hf_hook")
+    _MODEL = "UNet"
 
     @property
     def tuned_unet(self) -> nn.Module:
-        return self.base if self.is_lora else self.tuned
+        return self.tuned_model
 
-    def attach(self, pipe) -> "RLGUNet":
-        """Remember the pipeline (weakly): its scheduler maps timesteps to steps, its ``guidance_rescale`` is checked."""
-        self._pipe = weakref.ref(pipe)
-        return self
-
-    @property
-    def pipeline(self):
-        return self._pipe() if self._pipe is not None else None
-
-    # ------------------------------------------------------------------ w per step
-    def step_index(self, timestep) -> int:
-        """Position of ``timestep`` among the attached pipeline scheduler's distinct timesteps."""
-        pipe = self.pipeline
-        if pipe is None:
-            raise RLGError("an RLG schedule needs the pipeline's scheduler: call RLGUNet.attach(pipe) "
-                           "(make_rlg_pipeline does)")
-        timesteps = pipe.scheduler.timesteps
-        key, index = self._steps_cache
-        if key is None or key[0] is not timesteps:
-            index = {}
-            for t in timesteps.detach().cpu().tolist():
-                index.setdefault(float(t), len(index))
-            self._steps_cache = ((timesteps,), index)
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if t not in index:
-            raise RLGError(f"timestep {t} is not one of the scheduler's timesteps; the RLG schedule cannot be "
-                           "mapped to a step (set RLGUNet.w yourself, e.g. from callback_on_step_end)")
-        if self.schedule is not None and len(index) != len(self.schedule):
-            raise RLGError(f"rlg schedule has {len(self.schedule)} values but the scheduler runs {len(index)} steps; "
-                           "give one value per inference step")
-        return index[t]
-
-    def current_w(self, timestep) -> float:
-        if self.schedule is None:
-            return self.w
-        return self.schedule[self.step_index(timestep)]
-
-    # ------------------------------------------------------------------ forward
-    def _check_linear(self) -> None:
-        pipe = self.pipeline
-        rescale = float(getattr(pipe, "_guidance_rescale", 0.0) or 0.0) if pipe is not None else 0.0
-        if rescale > 0:
-            pipe._guidance_rescale = 0.0  # the pipeline sets it anew each call; don't let a refused call linger
-            raise RLGError(f"guidance_rescale={rescale} is not linear in the model outputs, so RL guidance would not "
-                           "equal CFG(base) + w * (CFG(tuned) - CFG(base)); use guidance_rescale=0")
-
-    def _mask(self, n: int, device, dtype) -> torch.Tensor:
-        key = (n, device, dtype)
-        if key not in self._masks:
-            self._masks[key] = torch.cat([torch.zeros(n), torch.ones(n)]).to(device=device, dtype=dtype)
-        return self._masks[key]
-
-    def _run(self, unet, lora_on: Optional[bool], args, kwargs) -> torch.Tensor:
-        ctx = _adapters_enabled(self._lora_layers, lora_on) if lora_on is not None else contextlib.nullcontext()
-        with ctx:
-            return unet(*args, **kwargs, return_dict=False)[0]
-
-    def _both(self, sample, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_lora and self.batched and self._lora_mask is not None:
-            n = sample.shape[0]
-            try:
-                with self._lora_mask.applied(self._mask(n, sample.device, sample.dtype)):
-                    out = self._run(self.base, True, _duplicate(args, n), _duplicate(kwargs, n))
-                return out[:n], out[n:]
-            except torch.cuda.OutOfMemoryError:
-                logger.warning("RLG: out of memory in the batched LoRA forward; switching to sequential evaluation")
-                self.batched = False
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        if self.is_lora:
-            return self._run(self.base, False, args, kwargs), self._run(self.base, True, args, kwargs)
-        return self._run(self.base, None, args, kwargs), self._run(self.tuned, None, args, kwargs)
-
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None, *args, return_dict: bool = True,
-                **kwargs):
-        self._check_linear()
-        w = self.current_w(timestep)
-        self.last_w = w
-        args = (sample, timestep, encoder_hidden_states, *args)
-        if w == 0.0:
-            out = self._run(self.base, False if self.is_lora else None, args, kwargs)
-        elif w == 1.0:
-            out = self._run(self.tuned_unet, True if self.is_lora else None, args, kwargs)
-        else:
-            base_out, tuned_out = self._both(sample, args, kwargs)
-            out = (base_out.float() + w * (tuned_out.float() - base_out.float())).to(base_out.dtype)
+    def forward(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+        out = self._guided(sample, timestep, (sample, timestep, encoder_hidden_states, *args), kwargs)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput

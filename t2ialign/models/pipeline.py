@@ -1,4 +1,5 @@
-"""Inference pipelines: a base model, optionally with an aligned full UNet or a LoRA on top."""
+"""Inference pipelines: a base model (SD / SDXL UNet, SD3 / FLUX transformer), optionally with an aligned full
+denoiser or a LoRA on top."""
 from __future__ import annotations
 
 import json
@@ -16,10 +17,13 @@ ALIGNED_FLAG = "pass --aligned DIR or --guide-with DIR"
 
 
 def resolve_aligned(path: str | Path) -> tuple[str, Path]:
-    """An aligned model is a training export (``final/``), a ``unet`` directory or a LoRA directory.
+    """An aligned model is a training export (``final/`` or ``export/``), a denoiser directory or a LoRA directory.
 
-    Returns ("unet" | "lora", directory to load). A hub id (``mhdang/dpo-sdxl-text2image-v1``, the released
-    Diffusion-DPO UNet) that is not a local directory is downloaded first (its UNet / LoRA files only).
+    Returns ("unet" | "transformer" | "lora", directory to load): "unet" for the UNet families (SD / SDXL),
+    "transformer" for the flow families (SD3 / FLUX; a training export's ``transformer/``), "lora" for a
+    ``pytorch_lora_weights.safetensors`` written by the pipeline class's ``save_lora_weights`` (either family).
+    A hub id (``mhdang/dpo-sdxl-text2image-v1``, the released Diffusion-DPO UNet) that is not a local directory
+    is downloaded first (its UNet / transformer / LoRA files only).
     """
     path = Path(path)
     if not path.exists() and _looks_like_hub_id(str(path)):
@@ -31,16 +35,68 @@ def resolve_aligned(path: str | Path) -> tuple[str, Path]:
     if (path / "pytorch_lora_weights.safetensors").is_file():
         return "lora", path
     if (path / "config.json").is_file():
-        return "unet", path
-    if (path / "unet" / "config.json").is_file():
-        return "unet", path / "unet"
+        return _denoiser_kind(path), path
+    for kind in DENOISERS:
+        if (path / kind / "config.json").is_file():
+            return kind, path / kind
     raise ModelNotFoundError(
-        f"{path} is not an aligned model: expected a training export (with export.json), a diffusers UNet "
-        "directory (config.json + weights) or a LoRA directory (pytorch_lora_weights.safetensors)"
+        f"{path} is not an aligned model: expected a training export (with export.json), a diffusers UNet or "
+        "transformer directory (config.json + weights) or a LoRA directory (pytorch_lora_weights.safetensors)"
     )
 
 
-ALIGNED_FILES = ["export.json", "*.json", "*.safetensors", "unet/*.json", "unet/*.safetensors", "lora/*"]
+DENOISERS = ("unet", "transformer")  # the pipeline attribute holding the denoiser: UNet families, flow families
+
+
+def _denoiser_kind(directory: Path) -> str:
+    """"transformer" for a diffusers transformer's config.json (SD3Transformer2DModel, FluxTransformer2DModel), else "unet"."""
+    class_name = json.loads((directory / "config.json").read_text()).get("_class_name", "")
+    return "transformer" if "Transformer" in class_name else "unet"
+
+
+def denoiser_class(directory: Path):
+    """The diffusers model class a denoiser directory was saved from (its config.json ``_class_name``)."""
+    import diffusers
+
+    # diffusers always writes _class_name; a config without one is taken for a UNet, as before flow models
+    class_name = json.loads((Path(directory) / "config.json").read_text()).get("_class_name") or "UNet2DConditionModel"
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ModelNotFoundError(f"{directory}/config.json names no diffusers model class ({class_name!r})")
+    return cls
+
+
+def check_same_family(pipe, aligned) -> None:
+    """Refuse an aligned training export of another model family than ``pipe`` (its export.json ``family``): an SD3
+    LoRA loads partly into FLUX's same-named attention layers, and would sample a meaningless model."""
+    from t2ialign.errors import UserFacingError
+    from t2ialign.models.loading import pipeline_family
+
+    manifest = Path(aligned) / "export.json"
+    family = json.loads(manifest.read_text()).get("family") if manifest.is_file() else None
+    if family is None:  # a bare UNet / transformer / LoRA directory, or an export written before families
+        return
+    base = pipeline_family({**pipe.config, "_class_name": type(pipe).__name__}, type(pipe).__name__)
+    if family != base:
+        raise UserFacingError(f"the aligned model {aligned} was trained on a {family} model, but the base pipeline "
+                              f"{type(pipe).__name__} is {base}: pair an aligned model with its own base model")
+
+
+def denoiser_name(pipe) -> str:
+    """``"unet"`` or ``"transformer"``: the attribute of ``pipe`` holding its denoiser."""
+    for name in DENOISERS:
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise ModelNotFoundError(f"{type(pipe).__name__} has neither a unet nor a transformer to sample with")
+
+
+def pipeline_denoiser(pipe):
+    """The UNet (SD / SDXL) or transformer (SD3 / FLUX) of ``pipe`` (an RL-guidance wrapper when there is one)."""
+    return getattr(pipe, denoiser_name(pipe))
+
+
+ALIGNED_FILES = ["export.json", "*.json", "*.safetensors", "unet/*.json", "unet/*.safetensors",
+                 "transformer/*.json", "transformer/*.safetensors", "lora/*"]
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -62,17 +118,17 @@ def _download_aligned(repo_id: str) -> Path:
 
 
 def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch.float32, device="cpu", scheduler: Optional[str] = None):
-    """A diffusers text-to-image pipeline for ``pretrained``; ``aligned`` swaps in a UNet or loads a LoRA."""
+    """A diffusers text-to-image pipeline for ``pretrained``; ``aligned`` swaps in a UNet / transformer or loads a LoRA."""
     # offline and not cached: fail before the diffusers import (seconds) and before any weights load
     require_cached(pretrained, "base pipeline", BASE_FLAG, filename="model_index.json")
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline
 
     kwargs = {"dtype": dtype, "local_files_only": local_only()}  # dtype: diffusers >= 0.40 name (not torch_dtype)
     kind = None
     if aligned is not None:
         kind, aligned_dir = resolve_aligned(aligned)
-        if kind == "unet":
-            kwargs["unet"] = UNet2DConditionModel.from_pretrained(aligned_dir, dtype=dtype)
+        if kind in DENOISERS:
+            kwargs[kind] = denoiser_class(aligned_dir).from_pretrained(aligned_dir, dtype=dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(pretrained, **kwargs)
     except (OSError, EnvironmentError) as exc:
@@ -80,6 +136,11 @@ def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch
         raise ModelNotFoundError(
             f"could not load the pipeline '{pretrained}': {offline_note()}{type(exc).__name__}. {fix}"
         ) from None
+    if kind in DENOISERS and getattr(pipe, kind, None) is not kwargs[kind]:
+        raise ModelNotFoundError(f"the aligned model {aligned} is a {kind}, but {type(pipe).__name__} ({pretrained}) "
+                                 f"samples with a {denoiser_name(pipe)}: pair an aligned model with its own base")
+    if kind is not None:
+        check_same_family(pipe, aligned)
     if kind == "lora":
         pipe.load_lora_weights(str(aligned_dir))
     if scheduler:

@@ -132,6 +132,8 @@ class ObjectiveSpec:
     description: str = ""
     # settings read by the trainer rather than the loss (e.g. InPO's inversion steps), with defaults
     trainer_params: dict = field(default_factory=dict)
+    # defaults that differ for rectified-flow models (velocity errors; docs/FLOW.md section 2)
+    flow_defaults: dict = field(default_factory=dict)
 
     @property
     def loss_param_names(self) -> tuple:
@@ -165,10 +167,16 @@ def register_objective(spec: ObjectiveSpec) -> ObjectiveSpec:
     return spec
 
 
-register_objective(ObjectiveSpec("dpo", dpo_loss, description="Diffusion-DPO (Wallace et al. 2023)"))
+# Flow-DPO's released code (flow_grpo config/dpo.py) trains SD3.5 with beta 100 on mean velocity errors: the same
+# loss and reduction as dpo_loss; 5000 (SDXL's) would be ~9x stronger in epsilon-equivalent terms (docs/FLOW.md 2)
+FLOW_DPO_BETA = 100.0
+
+register_objective(ObjectiveSpec("dpo", dpo_loss, description="Diffusion-DPO (Wallace et al. 2023)",
+                                 flow_defaults={"beta": FLOW_DPO_BETA}))
 register_objective(ObjectiveSpec("mapo", mapo_loss, needs_reference=False, description="MaPO, reference-free (Hong et al. 2024)"))
 register_objective(
-    ObjectiveSpec("dcpo", dpo_loss, per_image_captions=True, description="DCPO: DPO with each image conditioned on its own caption")
+    ObjectiveSpec("dcpo", dpo_loss, per_image_captions=True, description="DCPO: DPO with each image conditioned on its own caption",
+                  flow_defaults={"beta": FLOW_DPO_BETA})
 )
 register_objective(
     ObjectiveSpec(
@@ -187,9 +195,10 @@ def get_objective(name: str) -> ObjectiveSpec:
     return OBJECTIVES[name]
 
 
-def objective_params(spec: ObjectiveSpec, beta: Optional[float], params: dict) -> dict:
-    """Merge the objective's defaults, a config ``beta`` and extra params into call kwargs."""
-    merged = dict(spec.defaults)
+def objective_params(spec: ObjectiveSpec, beta: Optional[float], params: dict, flow: bool = False) -> dict:
+    """Merge the objective's defaults (its flow defaults for a rectified-flow model), a config ``beta`` and extra
+    params into call kwargs."""
+    merged = {**spec.defaults, **(spec.flow_defaults if flow else {})}
     unknown = sorted(set(params) - set(spec.param_names))
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(spec.param_names), n=1)

@@ -270,3 +270,14 @@ def test_flow_run_killed_mid_accumulation_resumes_exactly(flow_dirs, pickapic_pa
     for left, right in zip(a, b):
         x, y = load_file(str(left)), load_file(str(right))
         assert max(float((x[k] - y[k]).abs().max()) for k in x) <= 1e-6
+
+
+def test_flow_dpo_defaults_to_the_flow_dpo_beta_and_an_explicit_beta_wins():
+    from t2ialign.objectives import FLOW_DPO_BETA, get_objective, objective_params
+
+    for name in ("dpo", "dcpo"):
+        spec = get_objective(name)
+        assert objective_params(spec, None, {}, flow=True)["beta"] == FLOW_DPO_BETA == 100.0
+        assert objective_params(spec, None, {})["beta"] == 5000.0  # the UNet families keep Diffusion-DPO's
+        assert objective_params(spec, 250.0, {}, flow=True)["beta"] == 250.0
+    assert objective_params(get_objective("mapo"), None, {}, flow=True)["beta"] == 0.1  # MaPO's carries over

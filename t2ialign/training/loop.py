@@ -132,11 +132,13 @@ def _train(config: TrainConfig, accelerator, start: RunStart, stop: StopRequest)
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)
     spec = get_objective(config.objective.name)
-    params = objective_params(spec, config.objective.beta, config.objective.params)
 
     dataset, collate = build_dataset(config)
     components = load_training_components(config, accelerator.device)
     check_loaded_scheduler(config, spec, components)
+    params = objective_params(spec, config.objective.beta, config.objective.params, flow=components.is_flow)
+    if components.is_flow and config.objective.beta is None and "beta" in spec.flow_defaults:
+        logger.info("objective.beta: %s for a flow model (%s's flow default; docs/FLOW.md)", params["beta"], spec.name)
     policy, reference, trainable = build_policy_and_reference(config, spec, components)
     pairs_per_step = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     optimizer = build_optimizer(trainable, config.optim, effective_learning_rate(config.optim, pairs_per_step))

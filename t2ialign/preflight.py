@@ -50,12 +50,11 @@ def check_flow_support(config: TrainConfig, family: str) -> None:
     """Levers not (yet) wired for the flow transformers fail here with one line, before any training."""
     unsupported = {
         "compile": config.compile,  # the shared-graph reference calls the UNet signature
-        "validation.every": bool(config.validation.every),  # validation samples through the SD / SDXL pipelines
     }
     for key, on in unsupported.items():
         if on:
             raise ConfigError(f"{key}: not supported for {family} (flow transformer) models yet; turn it off "
-                              "(gradient checkpointing, LoRA, cache, bf16 weights and offload all apply)")
+                              "(gradient checkpointing, LoRA, cache, bf16 weights, offload and validation all apply)")
 
 
 def _looks_like_path(name: str) -> bool:

@@ -143,7 +143,8 @@ def _apply_speed_levers(config: SampleConfig, pipe) -> None:
     apply_speed_settings(config, *(denoiser.models() if isinstance(denoiser, RLGDenoiser) else [denoiser]))
 
 
-def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] = None, pipe=None) -> Path:
+def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] = None, pipe=None,
+           call_kwargs: Optional[dict] = None) -> Path:
     """Sample ``config.prompts`` (or the given prompt records) into ``config.output_dir``; returns it.
 
     ``shard=(rank, world)``: one process of a multi-process run (``feedback.build``). It samples only batch b
@@ -152,7 +153,8 @@ def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] 
     sample_config.json. The caller merges the rank files into metadata.jsonl once every process is done.
 
     ``pipe``: a pipeline already built (validation during training: the live policy UNet inside the training
-    components) instead of loading ``config.pretrained`` / ``config.aligned``."""
+    components) instead of loading ``config.pretrained`` / ``config.aligned``. ``call_kwargs``: extra arguments of
+    every pipeline call (validation of a flow model: its T5 ``max_sequence_length``)."""
     from t2ialign.data.files import prepare_output_dir
     from t2ialign.evaluation.prompts import load_prompt_set
     from t2ialign.models.pipeline import pipeline_denoiser
@@ -175,6 +177,7 @@ def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] 
     if not jobs:
         return output_dir
     pipe, extra = build_sampler(config, device) if pipe is None else (pipe, {})
+    extra = {**extra, **(call_kwargs or {})}
     size = config.resolution or default_size(pipe)
     # a context: the bar ends its line on an error too, so the CLI's one-line error starts a line of its own
     with tqdm(total=len(jobs), desc=f"sampling {output_dir.name}", unit="img", disable=not config.progress_bar) as bar:

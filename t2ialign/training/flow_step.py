@@ -29,6 +29,13 @@ class FlowSettings:
     guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance input; unused by models without guidance_embeds
     max_sequence_length: Optional[int] = None  # T5 tokens; None = the pipeline's default
 
+    @classmethod
+    def from_config(cls, flow) -> "FlowSettings":
+        """From a train config's ``flow:`` section (``FlowConfig``)."""
+        sampling = FlowTimestepSampling(flow.weighting_scheme, flow.logit_mean, flow.logit_std, flow.mode_scale,
+                                        flow.loss_weighting)
+        return cls(sampling, flow.guidance_scale, flow.max_sequence_length)
+
 
 def pack_flux_latents(latents: Tensor) -> Tensor:
     """``(N, C, H, W)`` -> FLUX's 2x2-patch sequence ``(N, H/2 * W/2, 4C)`` (the pipeline's own packing)."""

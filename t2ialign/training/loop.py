@@ -202,13 +202,9 @@ def _step_function(config: TrainConfig, components):
     if not components.is_flow:
         return partial(preference_step, resolution=config.data.resolution, prompt_dropout=config.data.prompt_dropout,
                        time_ids_mode=config.data.time_ids)
-    from t2ialign.flow_noising import FlowTimestepSampling
     from t2ialign.training.flow_step import FlowSettings, flow_preference_step
 
-    flow = config.flow
-    sampling = FlowTimestepSampling(flow.weighting_scheme, flow.logit_mean, flow.logit_std, flow.mode_scale, flow.loss_weighting)
-    settings = FlowSettings(sampling, flow.guidance_scale, flow.max_sequence_length)
-    return partial(flow_preference_step, prompt_dropout=config.data.prompt_dropout, settings=settings)
+    return partial(flow_preference_step, prompt_dropout=config.data.prompt_dropout, settings=FlowSettings.from_config(config.flow))
 
 
 def _push(config: TrainConfig, output_dir: Path) -> None:

@@ -1,9 +1,11 @@
 """Validation during training, and the over-optimisation alarm (``validation:`` in the train config).
 
 Every ``validation.every`` optimizer steps (and once from the base model at step 0) the live policy samples a
-fixed prompt set with fixed per-image seeds (the package's ``sample()`` on a pipeline built around the training
-components and the unwrapped policy UNet), the configured scorers score the images, and, with
-``validation.preference_split``, the implicit-reward accuracy on held-out preference pairs is measured.
+fixed prompt set with fixed per-image seeds (the package's ``sample()`` on the family's pipeline built around the
+training components and the unwrapped policy: the UNet of SD / SDXL, the transformer of SD3 / FLUX, which samples
+with the run's ``flow.max_sequence_length``), the configured scorers score the images, and, with
+``validation.preference_split``, the implicit-reward accuracy on held-out preference pairs is measured (for a flow
+model with the flow ELBO surrogate: the same per-sample velocity errors as its training step).
 Images go to ``output_dir/validation/step-XXXXXXXX/`` and to tensorboard / wandb; ``val/<scorer>``,
 ``val/implicit_acc`` and ``val/seconds`` go to metrics.jsonl (records with ``"validation": true``) and the trackers.
 
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -213,7 +216,9 @@ class Validator:
         return self.records
 
     def _pipeline(self):
-        """A diffusers pipeline around the training components and the live (unwrapped) policy UNet."""
+        """The family's diffusers pipeline (SD / SDXL / StableDiffusion3Pipeline / FluxPipeline) around the training
+        components and the live (unwrapped) policy UNet or transformer; its scheduler is the pipeline's own, a fresh
+        object, so sampling never touches the training noise scheduler."""
         if self.pipe is not None:
             return self.pipe
         from diffusers import DiffusionPipeline
@@ -221,10 +226,12 @@ class Validator:
         from t2ialign.training.setup import DTYPES
 
         c, model = self.models.components, self.config.model
-        given = {"unet": self.models.policy_unwrapped}
+        given = {"transformer" if c.is_flow else "unet": self.models.policy_unwrapped}
         if c.vae is not None:
             given["vae"] = c.vae
-        if c.text_encoders:
+        if c.is_flow:  # by pipeline slot (SD3: three encoders; FLUX: CLIP-L and T5); a cache run loaded none
+            given.update({slot: module for slot, module in c.text_slots.items() if module is not None})
+        elif c.text_encoders:
             given.update(zip(("text_encoder", "text_encoder_2"), c.text_encoders))
             given.update(zip(("tokenizer", "tokenizer_2"), c.tokenizers))
         pipe = DiffusionPipeline.from_pretrained(model.pretrained, revision=model.revision, variant=model.variant,
@@ -237,6 +244,15 @@ class Validator:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         return pipe
+
+    def _call_kwargs(self) -> dict:
+        """Flow pipelines encode prompts with the T5 length the run trains with."""
+        components = self.models.components
+        if not components.is_flow:
+            return {}
+        from t2ialign.models.flow_text import max_sequence_length
+
+        return {"max_sequence_length": max_sequence_length(components, self.config.flow.max_sequence_length)}
 
     def _scorer_list(self):
         if self.scorers is None:
@@ -269,7 +285,7 @@ class Validator:
             resolution=self.val.resolution, batch_size=self.val.batch_size, dtype=dtype, device=str(acc.device),
             progress_bar=False,
         )
-        sample(config, self._prompt_records(), shard=shard, pipe=self._pipeline())
+        sample(config, self._prompt_records(), shard=shard, pipe=self._pipeline(), call_kwargs=self._call_kwargs())
         meta = out / ("metadata.jsonl" if shard is None else f"metadata.rank{acc.process_index}.jsonl")
         rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()] if meta.is_file() else []
         if rows and self.val.scorers:
@@ -317,9 +333,7 @@ class Validator:
     def _implicit_accuracy(self) -> Optional[float]:
         """Share of held-out pairs whose winner the policy's error lowered more than the loser's (vs the reference)."""
         from t2ialign.evaluation.implicit_reward import implicit_reward_margin
-        from t2ialign.evaluation.preference_accuracy import _conditioning, _pair_batches, _winners_losers
-        from t2ialign.noising import noisy_latents_and_target, per_sample_error
-        from t2ialign.training.step import reference_errors
+        from t2ialign.evaluation.preference_accuracy import _pair_batches, _winners_losers
 
         models, acc = self.models, self.accelerator
         if not self.spec.needs_reference or models.components.vae is None:
@@ -332,16 +346,19 @@ class Validator:
             batches = list(_pair_batches(self.config.data.dataset, self.val.preference_split, self.config.data.resolution,
                                          self.val.max_pairs, self.val.batch_size))
             self.pair_batches = [b for i, b in enumerate(batches) if i % acc.num_processes == acc.process_index]
-        device, dtype = acc.device, models.policy_unwrapped.dtype
-        generator = torch.Generator(device).manual_seed(self.val.seed)  # the same draws at every validation
-        vae = models.components.vae
+        generator = torch.Generator(acc.device).manual_seed(self.val.seed)  # the same draws at every validation
+        if models.components.is_flow:
+            from t2ialign.training.flow_step import FlowSettings
+
+            pair_errors = partial(flow_pair_errors, models, FlowSettings.from_config(self.config.flow))
+        else:
+            pair_errors = partial(unet_pair_errors, models, resolution=self.config.data.resolution,
+                                  time_ids=self.config.data.time_ids, device=acc.device)
         errors = {"policy": [], "reference": []}
         for batch in self.pair_batches:
-            cond = _conditioning(models.components, batch, self.config.data.resolution, self.config.data.time_ids, device, dtype)
-            latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-            zt, timesteps, target = noisy_latents_and_target(models.components.noise_scheduler, latents.float(), generator)
-            errors["policy"].append(per_sample_error(models.policy_unwrapped(zt.to(dtype), timesteps, **cond).sample, target).float().cpu())
-            errors["reference"].append(reference_errors(models, zt.to(dtype), timesteps, cond, target).float().cpu())
+            policy, reference = pair_errors(batch, generator)
+            errors["policy"].append(policy.float().cpu())
+            errors["reference"].append(reference.float().cpu())
         margins = []
         if errors["policy"]:
             policy_w, policy_l = _winners_losers(errors["policy"])
@@ -354,3 +371,43 @@ class Validator:
         if not margins:
             return None
         return float(sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins))
+
+
+# ---------------------------------------------------------------- per-sample errors of held-out pairs
+
+def unet_pair_errors(models, batch: dict, generator, *, resolution: int, time_ids: str, device) -> tuple:
+    """(policy, reference) per-sample errors of one batch of pairs (2B, winners first): SD / SDXL UNets, from the
+    VAE posterior means."""
+    from t2ialign.evaluation.preference_accuracy import _conditioning
+    from t2ialign.noising import noisy_latents_and_target, per_sample_error
+    from t2ialign.training.step import reference_errors
+
+    dtype, vae = models.policy_unwrapped.dtype, models.components.vae
+    cond = _conditioning(models.components, batch, resolution, time_ids, device, dtype)
+    latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    zt, timesteps, target = noisy_latents_and_target(models.components.noise_scheduler, latents.float(), generator)
+    policy = per_sample_error(models.policy_unwrapped(zt.to(dtype), timesteps, **cond).sample, target)
+    return policy, reference_errors(models, zt.to(dtype), timesteps, cond, target)
+
+
+def flow_pair_errors(models, settings, batch: dict, generator) -> tuple:
+    """(policy, reference) per-sample velocity errors of one batch of pairs (2B, winners first): SD3 / FLUX, as
+    ``flow_preference_step`` computes them (``settings``: the run's ``flow:`` timestep density, loss weighting,
+    guidance value and T5 length), from the VAE posterior means with the VAE's shift and scale."""
+    from t2ialign.flow_noising import flow_noisy_latents_and_target, training_table, weighted_per_sample_error
+    from t2ialign.models.flow_text import encode_flow_prompts
+    from t2ialign.training.flow_step import flow_reference_errors, flow_velocity
+    from t2ialign.training.step import _shift_and_scale
+
+    components, vae = models.components, models.components.vae
+    mean = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.mean
+    latents = _shift_and_scale(mean, vae.config.get("shift_factor"), vae.config.scaling_factor).float().contiguous()
+    dtype = next(models.policy_unwrapped.parameters()).dtype
+    embeds = encode_flow_prompts(components, list(batch["captions"]) * 2, settings.max_sequence_length)
+    embeds = embeds.to(latents.device, torch.float32 if dtype == torch.float32 else dtype)
+    table = training_table(components.noise_scheduler)
+    noised = flow_noisy_latents_and_target(components.noise_scheduler, latents, settings.sampling, generator, table)
+    pred = flow_velocity(components.family, models.policy_unwrapped, noised.noisy, noised.timesteps, embeds,
+                         settings.guidance_scale)
+    policy = weighted_per_sample_error(pred, noised.target, noised.weights)
+    return policy, flow_reference_errors(models, noised, embeds, settings)

@@ -14,6 +14,9 @@ and, without a GPU, FLOPs (``--count-only``) and the peak GPU memory (``--estima
     # any machine: peak GPU memory of one optimizer step of the REAL config through the real code path, on
     # fake tensors (shapes and dtypes only; ~30 s per row on one CPU core, ~1 GB of RAM)
     python scripts/bench_train.py --estimate-memory --objective dpo,mapo --lora-rank 0,64 --micro-batch 1 --checkpointing
+    # the same for the flow transformers (SD3.5-medium / -large, FLUX.1-dev; published configs in
+    # scripts/flow_model_configs.json), with a pre-encoded cache and without one (text encoders + VAE resident)
+    python scripts/bench_train.py --estimate-memory --model sd35-medium,flux-dev --cache both --lora-rank 0,32 --checkpointing
 
 What is measured (per row = one objective x one mode):
 - Models are built by ``t2ialign.training.setup.build_policy_and_reference`` (full fine-tune: fp32 master
@@ -67,6 +70,10 @@ and the batch flags apply):
   ``peak_gib_with_slack`` adds 10 % for the allocator (typically +5-10 % reserved over allocated).
 - ``--real-tensors`` runs the same on real CPU tensors (small models): with ``--tiny`` both agree to the byte
   (tests/test_bench.py). Not for InPO (its inversion depth is data-dependent) nor with ``--compile``.
+- ``--model sd35-medium|sd35-large|flux-dev`` (comma-separated for several): the flow transformers built from their
+  published configs and run through the trainer's ``flow_preference_step`` (scripts/bench_train_flow.py);
+  ``--cache yes|no|both``: pre-encoded batches (no VAE or text encoders loaded) or images + captions encoded each
+  micro-step with CLIP / T5 and the VAE resident in the autocast dtype. ``--tiny`` uses the tiny SD3 / FLUX components.
 """
 from __future__ import annotations
 
@@ -88,9 +95,12 @@ import torch  # noqa: E402
 from bench_train_flops import H100_BF16_DENSE_PEAK, count_only_row  # noqa: E402
 from bench_train_memory import estimate_meta, estimate_row, format_estimate_table  # noqa: E402
 from bench_train_setup import build_row, make_train_config  # noqa: E402,F401  (part of this script's interface)
+from bench_train_flow import FLOW_MODELS  # noqa: E402
 from bench_train_timing import bench_row  # noqa: E402
 
 OBJECTIVES = ("dpo", "mapo", "dcpo", "inpo", "sft")
+UNET_MODELS = ("sdxl",)
+CACHE_MODES = {"yes": (True,), "no": (False,), "both": (True, False)}
 
 
 # ---------------------------------------------------------------- main
@@ -135,6 +145,14 @@ def parse_args(argv=None):
                         help="with --estimate-memory: track real CPU tensors instead (validates the fake run; small models)")
     parser.add_argument("--autocast-policy", choices=("cuda", "cpu"), default="cuda",
                         help="with --estimate-memory: which autocast op lists to follow (default: CUDA's, as the GPU run)")
+    parser.add_argument("--model", default="sdxl",
+                        help=f"comma-separated: {', '.join(UNET_MODELS)} (default) or flow models "
+                             f"({', '.join(FLOW_MODELS)}; --estimate-memory only)")
+    parser.add_argument("--cache", choices=tuple(CACHE_MODES), default="yes",
+                        help="flow models: pre-encoded batches (yes), images + captions encoded each step with the text "
+                             "encoders and VAE resident (no), or a row of each (both)")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="flow models: T5 tokens (default: the pipeline's, SD3 256, FLUX 512)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="print one JSON object to stdout (no PATH) or write it to PATH and print the table")
     args = parser.parse_args(argv)
@@ -142,6 +160,7 @@ def parse_args(argv=None):
     unknown = [o for o in args.objectives if o not in OBJECTIVES]
     if unknown:
         parser.error(f"--objective: unknown {unknown}; allowed: {', '.join(OBJECTIVES)} or all")
+    _check_models(parser, args)
     if args.count_only and args.estimate_memory:
         parser.error("--count-only and --estimate-memory: choose one")
     if args.real_tensors and not args.estimate_memory:
@@ -163,6 +182,26 @@ def parse_args(argv=None):
     if args.steps < 1 or args.micro_batch < 1 or args.grad_accum < 1:
         parser.error("--steps, --micro-batch and --grad-accum must be positive")
     return args
+
+
+def _check_models(parser, args) -> None:
+    args.models = [m.strip() for m in args.model.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in UNET_MODELS + FLOW_MODELS]
+    if unknown or not args.models:
+        parser.error(f"--model: unknown {unknown}; allowed: {', '.join(UNET_MODELS + FLOW_MODELS)}")
+    args.flow = any(m in FLOW_MODELS for m in args.models)
+    if args.flow and any(m in UNET_MODELS for m in args.models):
+        parser.error("--model: estimate the SDXL UNet and the flow transformers in separate runs")
+    if args.flow and not args.estimate_memory:
+        parser.error("--model: flow models are supported with --estimate-memory only")
+    if args.cache != "yes" and not args.flow:
+        parser.error("--cache: the SDXL rows always use pre-encoded batches; --cache no|both is for flow models")
+    if args.flow and "inpo" in args.objectives:
+        if args.objective != "all":
+            parser.error("--objective inpo: DDIM-InPO is not defined for flow models (docs/FLOW.md)")
+        args.objectives.remove("inpo")
+    if args.flow and args.real_tensors and not args.tiny:
+        parser.error("--real-tensors: the flow models have billions of parameters; validate with --tiny")
 
 
 def main(argv=None) -> dict:
@@ -212,6 +251,8 @@ def main(argv=None) -> dict:
         meta["device"] = "none (meta tensors: FLOPs counted, nothing computed)"
     if args.estimate_memory:
         meta = estimate_meta(meta, args)
+    if args.flow:
+        return _main_flow(args, meta)
     run_row = count_only_row if args.count_only else estimate_row if args.estimate_memory else bench_row
     rows = []
     for lora_rank in args.lora_ranks:
@@ -228,7 +269,34 @@ def main(argv=None) -> dict:
                 torch._dynamo.reset()
             if on_gpu:
                 torch.cuda.empty_cache()
-    report = {**meta, "rows": rows}
+    return _emit(args, {**meta, "rows": rows})
+
+
+def _main_flow(args, meta: dict) -> dict:
+    """--estimate-memory rows of the flow transformers: model x cache x LoRA rank x objective."""
+    from bench_train_flow import estimate_flow_row
+
+    from t2ialign.errors import UserFacingError
+
+    source = "t2ialign.models.tiny_flow" if args.tiny else "published configs, scripts/flow_model_configs.json"
+    meta = {**meta, "flow": True, "unet": f"{', '.join(args.models)} transformers ({source}), random weights"}
+    rows = []
+    for model in args.models:
+        for cached in CACHE_MODES[args.cache]:
+            for lora_rank in args.lora_ranks:
+                for objective in args.objectives:
+                    mode = "full" if lora_rank == 0 else f"lora r={lora_rank}"
+                    print(f"[bench_train] {model} cache={'yes' if cached else 'no'} {objective} {mode} ...", file=sys.stderr, flush=True)
+                    try:
+                        rows.append(estimate_flow_row(args, model, objective, lora_rank, cached))
+                    except UserFacingError as exc:
+                        print(f"error: {exc}", file=sys.stderr)
+                        raise SystemExit(2)
+                    gc.collect()
+    return _emit(args, {**meta, "rows": rows})
+
+
+def _emit(args, report: dict) -> dict:
     table = format_table(report)
     if args.json == "-":
         print(table, file=sys.stderr)
@@ -253,6 +321,10 @@ def format_table(report: dict) -> str:
                 f"{r['pairs_per_s_at_peak']:13.2f} {r['pairs_per_s_at_measured_matmul']:6.2f}"
             )
         return "\n".join(lines)
+    if report.get("flow"):
+        from bench_train_flow import format_flow_estimate_table
+
+        return format_flow_estimate_table(report)
     if report.get("estimate_memory"):
         return format_estimate_table(report)
     header = (f"{'objective':9s} {'mode':9s} {'B':>2s} {'acc':>3s} {'ckpt':>4s} {'pairs/s':>8s} {'micro s':>8s} "

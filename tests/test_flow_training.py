@@ -230,6 +230,12 @@ def test_flow_memory_levers(flow_dirs, pickapic_parquet, tmp_path, family, fresh
     assert bf16[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     exported = load_file(str(next((tmp_path / "bf16/final/transformer").glob("*.safetensors"))))
     assert {t.dtype for t in exported.values()} == {torch.float32}
+    # LoRA under bf16: the frozen base (and the text encoders) are read in bf16, the adapters train in fp32
+    result, lora = train_flow(flow_config(flow_dirs[family], pickapic_parquet, tmp_path / "lora16", mixed_precision="bf16",
+                                          lora={"enabled": True}))
+    assert lora[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    dtypes = {("lora_" in n, p.dtype) for n, p in result.model.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
 
 
 def test_inpo_is_refused_for_flow_models_in_one_line(flow_dirs, pickapic_parquet, tmp_path):

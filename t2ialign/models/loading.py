@@ -334,10 +334,15 @@ def load_components(
     load_text_encoders: bool = True,
     local_files_only: bool = False,
     load_tokenizers: Optional[bool] = None,
+    frozen_dtype: Optional[torch.dtype] = None,
+    frozen_denoiser_dtype: Optional[torch.dtype] = None,
 ) -> DiffusionComponents:
     """Load the parts of a SD / SDXL pipeline a recipe needs; ``vae`` overrides the pipeline's VAE.
 
     ``load_tokenizers`` defaults to ``load_text_encoders`` (a v5 CLIP tokenizer takes ~1 s to build).
+    ``frozen_dtype`` (flow families): the text encoders and the VAE are read straight into it, so that the
+    4.8 B-parameter T5 never sits on the device in fp32 (FLUX.1-dev's loading peak would exceed its training step's);
+    ``frozen_denoiser_dtype`` (flow families, LoRA runs): the same for the frozen base transformer.
     """
     pretrained = str(pretrained)
     local_files_only = local_only(local_files_only)  # offline: the cache only, no retries
@@ -351,7 +356,8 @@ def load_components(
         return _load_flow_components(
             index, location, pretrained, family, vae=vae, dtype=dtype, device=device, variant=variant,
             load_denoiser=load_unet, load_vae=load_vae, load_text_encoders=load_text_encoders,
-            load_tokenizers=load_text_encoders if load_tokenizers is None else load_tokenizers, **hub)
+            load_tokenizers=load_text_encoders if load_tokenizers is None else load_tokenizers,
+            frozen_dtype=frozen_dtype or dtype, denoiser_dtype=frozen_denoiser_dtype or dtype, **hub)
     is_sdxl = family == "sdxl"
 
     noise_scheduler = load_noise_scheduler(pretrained, **hub)
@@ -411,16 +417,18 @@ def _flow_text_slots(index, location, family, *, dtype, device, revision, varian
 
 
 def _load_flow_components(index, location, pretrained, family, *, vae, dtype, device, variant, revision,
-                          local_files_only, load_denoiser, load_vae, load_text_encoders, load_tokenizers):
+                          local_files_only, load_denoiser, load_vae, load_text_encoders, load_tokenizers, frozen_dtype,
+                          denoiser_dtype):
     hub = dict(revision=revision, local_files_only=local_files_only)
     noise_scheduler = load_noise_scheduler(pretrained, family=family, **hub)
     transformer = None
     if load_denoiser:
         transformer = load_transformer(location if Path(location).is_dir() else pretrained, family, subfolder="transformer",
-                                       dtype=dtype, device=device, variant=variant, **hub)
-    vae_model = _load_vae_for(location, vae, dtype=dtype, device=device, variant=variant, **hub) if load_vae else None
+                                       dtype=denoiser_dtype, device=device, variant=variant, **hub)
+    vae_dtype = dtype if frozen_dtype == torch.float16 else frozen_dtype  # as SDXL's: fp16 VAEs overflow
+    vae_model = _load_vae_for(location, vae, dtype=vae_dtype, device=device, variant=variant, **hub) if load_vae else None
     vae_config = dict(vae_model.config) if vae_model is not None else _vae_config_or_none(location, vae, **hub)
-    slots = _flow_text_slots(index, location, family, dtype=dtype, device=device, variant=variant,
+    slots = _flow_text_slots(index, location, family, dtype=frozen_dtype, device=device, variant=variant,
                              load_encoders=load_text_encoders, load_tokenizers=load_tokenizers, **hub)
     names = FLOW_TEXT_SLOTS[family]
     return DiffusionComponents(

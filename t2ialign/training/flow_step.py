@@ -77,10 +77,6 @@ def _flow_conditioning(models: StepModels, spec: ObjectiveSpec, batch: dict, dro
     return encode_flow_prompts(models.components, captions, settings.max_sequence_length)
 
 
-def _rows(embeds: PromptEmbeddings, index) -> PromptEmbeddings:
-    return embeds[index]
-
-
 def flow_preference_step(models: StepModels, spec: ObjectiveSpec, params: dict, batch: dict, *, prompt_dropout: float,
                          generator, settings: FlowSettings = FlowSettings(), **_unused) -> ObjectiveOutput:
     """The objective for one micro-batch of a flow model (winners first); call ``.loss.backward()`` on the result."""
@@ -100,7 +96,7 @@ def flow_preference_step(models: StepModels, spec: ObjectiveSpec, params: dict, 
     if spec.needs_reference:
         ref_err_w, ref_err_l = flow_reference_errors(models, noised, embeds, settings).chunk(2)
     rows = slice(None) if spec.uses_loser else slice(0, latents.shape[0] // 2)
-    pred = flow_velocity(components.family, models.policy, noised.noisy[rows], noised.timesteps[rows], _rows(embeds, rows),
+    pred = flow_velocity(components.family, models.policy, noised.noisy[rows], noised.timesteps[rows], embeds[rows],
                          settings.guidance_scale)
     model_err = weighted_per_sample_error(pred, noised.target[rows], noised.weights[rows])
     model_err_w, model_err_l = model_err.chunk(2) if spec.uses_loser else (model_err, None)

@@ -48,6 +48,9 @@ def load_training_components(config: TrainConfig, device):
         load_vae=not cached,
         load_text_encoders=not cached,
         local_files_only=config.model.local_files_only,
+        frozen_dtype=frozen_dtype,
+        # a LoRA's base is frozen in the mixed-precision dtype (build_policy_and_reference): read it so (flow models)
+        frozen_denoiser_dtype=frozen_dtype if config.lora.enabled else None,
     )
     # the SDXL VAE overflows in fp16 (use an fp16-fix VAE via model.vae); text encoders are fine in half
     if components.vae is not None and frozen_dtype != torch.float16:

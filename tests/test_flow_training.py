@@ -278,6 +278,15 @@ def test_flow_run_killed_mid_accumulation_resumes_exactly(flow_dirs, pickapic_pa
         assert max(float((x[k] - y[k]).abs().max()) for k in x) <= 1e-6
 
 
+def test_flux_without_a_guidance_embedding_trains(pickapic_parquet, tmp_path):
+    """FLUX.1-schnell's layout (guidance_embeds false): no guidance input, DPO still starts at ln 2."""
+    from t2ialign.models.tiny_flow import build_tiny_flux_pipeline
+
+    schnell = build_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    records = train_flow(flow_config(schnell, pickapic_parquet, tmp_path / "run", lora={"enabled": True}))[1]
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(records[1]["loss"])
+
+
 def test_flow_dpo_defaults_to_the_flow_dpo_beta_and_an_explicit_beta_wins():
     from t2ialign.objectives import FLOW_DPO_BETA, get_objective, objective_params
 

@@ -112,7 +112,8 @@ def _down_up_block_types(num_blocks: int, cross_attention: Sequence[bool]) -> tu
     return down, up
 
 
-def _vae(block_out_channels: Sequence[int], latent_channels: int, sample_size: int) -> AutoencoderKL:
+def _vae(block_out_channels: Sequence[int], latent_channels: int, sample_size: int, **extra) -> AutoencoderKL:
+    """``extra``: further AutoencoderKL config (the SD3 / FLUX VAEs: no quant convs, a shift and a scale)."""
     n = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -124,6 +125,7 @@ def _vae(block_out_channels: Sequence[int], latent_channels: int, sample_size: i
         latent_channels=latent_channels,
         norm_num_groups=min(32, min(block_out_channels)),
         sample_size=sample_size * 2 ** (n - 1),
+        **extra,
     )
 
 

@@ -27,7 +27,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
-from t2ialign.models.tiny import _clip_bpe_merges, _clip_text_config, build_clip_tokenizer, save_pipeline
+from t2ialign.models.tiny import _vae, _clip_bpe_merges, _clip_text_config, build_clip_tokenizer, save_pipeline
 
 # ---------------------------------------------------------------- released configs we mirror
 
@@ -143,21 +143,8 @@ def _flow_vae(
     block_out_channels: Sequence[int], latent_channels: int, sample_size: int, factors: dict
 ) -> AutoencoderKL:
     # SD3/FLUX VAEs: no quant convs, and a shift as well as a scale on the latents.
-    n = len(block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(32, min(block_out_channels)),
-        sample_size=sample_size * 2 ** (n - 1),
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **factors,
-    )
+    return _vae(block_out_channels, latent_channels, sample_size, use_quant_conv=False, use_post_quant_conv=False,
+                **factors)
 
 
 def _flux_rope_axes(attention_head_dim: int) -> tuple[int, int, int]:

@@ -511,3 +511,28 @@ def test_flux_sweep_w0_w1_are_the_base_and_aligned_samples(worlds, tmp_path):
         np.testing.assert_array_equal(_png(tmp_path / "sweep" / "w0" / name), _png(base / name))
         np.testing.assert_array_equal(_png(tmp_path / "sweep" / "w1" / name), _png(aligned / name))
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["scales"] == [0.0, 1.0]
+
+
+def test_max_sequence_length_reaches_flow_pipelines_and_is_refused_for_unet_ones(tmp_path, tiny_sdxl_dir):
+    """SampleConfig.max_sequence_length: the T5 length a flow model was trained with; a UNet pipeline has no T5."""
+    from t2ialign.config import ConfigError, load_sample_config
+    from t2ialign.evaluation.prompts import PromptRecord
+    from t2ialign.evaluation.sampling import sample
+    from t2ialign.models.tiny_flow import build_tiny_sd3_pipeline
+
+    sd3 = build_tiny_sd3_pipeline(tmp_path / "sd3")
+    records = [PromptRecord("a small red circle at the top left")]
+    images = {}
+    for length in (8, 77):
+        config = load_sample_config(data=dict(pretrained=str(sd3), output_dir=str(tmp_path / f"t5-{length}"), resolution=32,
+                                              num_inference_steps=2, device="cpu", dtype="fp32", progress_bar=False,
+                                              max_sequence_length=length))
+        images[length] = (sample(config, records) / "images").iterdir().__next__().read_bytes()
+    assert images[8] != images[77]  # the length reaches the pipeline's T5 (longer: more padding tokens attended)
+    config = load_sample_config(data=dict(pretrained=str(tiny_sdxl_dir), output_dir=str(tmp_path / "sdxl"), resolution=32,
+                                          num_inference_steps=2, device="cpu", dtype="fp32", progress_bar=False,
+                                          max_sequence_length=16))
+    with pytest.raises(ConfigError, match="max_sequence_length: StableDiffusionXLPipeline has no T5"):
+        sample(config, records)
+    with pytest.raises(ConfigError, match=r"max_sequence_length: T5 tokens in \(0, 512\]"):
+        load_sample_config(data=dict(pretrained=str(sd3), max_sequence_length=1024))

@@ -20,6 +20,7 @@ FLAGS = {
     "seed": "seed", "steps": "num_inference_steps", "guidance": "guidance_scale", "resolution": "resolution",
     "batch_size": "batch_size", "dtype": "dtype", "device": "device", "scheduler": "scheduler",
     "compile": "compile", "compile_mode": "compile_mode", "channels_last": "channels_last",
+    "max_sequence_length": "max_sequence_length",
 }
 
 
@@ -48,6 +49,9 @@ def add_sampling_arguments(parser) -> None:
                         help="Inductor mode; reduce-overhead replays CUDA graphs (fewest kernel launches per step)")
     parser.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
                         help="NHWC convolution weights")
+    parser.add_argument("--max-sequence-length", dest="max_sequence_length", type=int,
+                        help="SD3 / FLUX: T5 tokens per prompt (default: the pipeline's, SD3 256, FLUX 512); use the "
+                        "training run's flow.max_sequence_length")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any SampleConfig key")
 
 

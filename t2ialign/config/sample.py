@@ -38,6 +38,9 @@ class SampleConfig:
     compile_mode: Optional[str] = None  # None (Inductor default) | reduce-overhead (CUDA graphs) | max-autotune
     compile_cache_dir: Optional[str] = None
     channels_last: bool = False
+    # T5 tokens of a flow pipeline's prompts (SD3 / FLUX); None: the pipeline's default (SD3 256, FLUX 512). Sample with
+    # the length the model was trained with (a training run's flow.max_sequence_length)
+    max_sequence_length: Optional[int] = None
 
 
 def load_sample_config(path=None, overrides=None, data=None) -> SampleConfig:
@@ -49,6 +52,9 @@ def load_sample_config(path=None, overrides=None, data=None) -> SampleConfig:
     _check_choice(config, "dtype", ("fp32", "fp16", "bf16"))
     if config.compile_mode is not None:
         _check_choice(config, "compile_mode", COMPILE_MODES)
+    if config.max_sequence_length is not None and not 0 < config.max_sequence_length <= 512:
+        raise ConfigError(f"max_sequence_length: T5 tokens in (0, 512] (or null for the pipeline's default), "
+                          f"got {config.max_sequence_length}")
     for key in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(config, key)}")

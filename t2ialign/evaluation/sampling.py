@@ -177,7 +177,7 @@ def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] 
     if not jobs:
         return output_dir
     pipe, extra = build_sampler(config, device) if pipe is None else (pipe, {})
-    extra = {**extra, **(call_kwargs or {})}
+    extra = {**extra, **_sequence_length_kwargs(config, pipe), **(call_kwargs or {})}
     size = config.resolution or default_size(pipe)
     # a context: the bar ends its line on an error too, so the CLI's one-line error starts a line of its own
     with tqdm(total=len(jobs), desc=f"sampling {output_dir.name}", unit="img", disable=not config.progress_bar) as bar:
@@ -193,6 +193,20 @@ def sample(config: SampleConfig, records=None, shard: Optional[tuple[int, int]] 
             _save_batch(output_dir, batch, images, meta)
             bar.update(len(batch))
     return output_dir
+
+
+def _sequence_length_kwargs(config: SampleConfig, pipe) -> dict:
+    """``max_sequence_length`` for a flow pipeline's call; refused for a UNet pipeline, which has no T5."""
+    from t2ialign.models.pipeline import denoiser_name
+
+    if config.max_sequence_length is None:
+        return {}
+    if denoiser_name(pipe) != "transformer":
+        from t2ialign.config import ConfigError
+
+        raise ConfigError(f"max_sequence_length: {type(pipe).__name__} has no T5 encoder; the key is for SD3 / FLUX "
+                          "pipelines, remove it")
+    return {"max_sequence_length": int(config.max_sequence_length)}
 
 
 KEPT = "the images and metadata.jsonl rows written before are intact, and a rerun continues from them"

@@ -5,6 +5,10 @@ programmatic "human" -> align with each objective through the same ``train()`` a
 sample base and aligned models on held-out prompts with identical seeds -> score -> table + report.
 Training runs in chunks resumed from the last checkpoint (the real resume path), and the aligned
 model is scored after each chunk to draw reward over training.
+
+``family="sd3"`` runs the same loop on the rectified-flow toy (``toy.flow_pretrain``: a tiny
+StableDiffusion3Pipeline sharing the SDXL toy's VAE and CLIP encoders), trained through the flow step
+(``training.flow_step``) with the objectives defined for flow models (not DDIM-InPO).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +48,22 @@ OBJECTIVE_RECIPES = {
     "sft": {"objective": {"name": "sft"}, "optim": {"learning_rate": 3e-3}},
 }
 
+# The rectified-flow toy (family "sd3"). Velocity errors are ~5x the toy UNet's epsilon errors (v = eps - x0 has
+# twice a unit latent's variance; the base's error is 0.3 against 0.06), so DPO / DCPO need a smaller beta for the
+# same implicit-reward scale. Tuned on 128 prompts and sampling seeds apart from the held-out ones (captions seed
+# 20000, seed 7), 150 steps: DPO beta 50 / 150 / 500 / 2000 at lr 1e-3 won 80.5 / 82.0 / 75.0 / 78.9% (lr 3e-3:
+# 75.0% at 150, 69.5% at 500), a sign-flipped DPO at 150 13.3%; DCPO 150 / 500: 89.1 / 87.5%. LoRA covers the
+# joint attention's context projections too (add_*_proj, to_add_out).
+FLOW_OBJECTIVE_RECIPES = {
+    "dpo": {"objective": {"name": "dpo", "beta": 150.0}, "optim": {"learning_rate": 1e-3},
+            "data": {"random_flip": True, "prompt_dropout": 0.0}},
+    "mapo": {"objective": {"name": "mapo", "beta": 0.5}, "optim": {"learning_rate": 3e-4}},
+    "dcpo": {"objective": {"name": "dcpo", "beta": 150.0}, "optim": {"learning_rate": 1e-3}},
+    "sft": {"objective": {"name": "sft"}, "optim": {"learning_rate": 3e-3}},
+}
+FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+FAMILIES = ("sdxl", "sd3")
+
 # the pairs' pre-encoded latents and text (``t2ialign cache``), shared by the objectives without random flips;
 # fp32 storage: training from it equals training from the images bit for bit
 LATENT_CACHE_DIR = "latents"
@@ -53,8 +73,9 @@ LATENT_CACHE_DTYPE = "fp32"
 @dataclass
 class DemoSettings:
     output_dir: str = "t2ialign-demo"
+    family: str = "sdxl"  # the toy base: "sdxl" (UNet, toy.pretrain) or "sd3" (rectified flow, toy.flow_pretrain)
     preference: Optional[str] = None  # None: the toy world's default preference
-    objectives: list = field(default_factory=lambda: list(OBJECTIVE_RECIPES))
+    objectives: Optional[list] = None  # None: every objective with a recipe for the family
     num_pairs: int = 512
     pair_sample_steps: Optional[int] = None  # sampler steps of the pairs' images (None: the pairs builder's default)
     train_steps: int = 150
@@ -67,7 +88,8 @@ class DemoSettings:
     sample_steps: int = 20
     guidance_scale: float = 4.0
     rlg_objective: str = "dpo"
-    rlg_scales: list = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0])
+    # None: [0, 0.5, 1, 1.5, 2]
+    rlg_scales: Optional[list] = None
     rlg_prompts: Optional[int] = 64  # the sweep samples the first rlg_prompts held-out prompts (None: all)
     label_noise: float = 0.0
     # LoRA by default: on the toy model a full fine-tune drifts (its denoising error grows) faster than it
@@ -76,6 +98,19 @@ class DemoSettings:
     seed: int = 0
     pretrain_steps: Optional[int] = None  # None: the toy world's default pretraining budget
     workers: int = 2  # processes for the pairs, the objectives and the RLG scales (1 = this process only)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.objectives is None:
+            self.objectives = list(recipes(self.family))
+        if self.rlg_scales is None:
+            self.rlg_scales = [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def recipes(family: str = "sdxl") -> dict:
+    """The family's objective recipes: the UNet toy's, or the flow toy's (no DDIM-InPO: it inverts a UNet)."""
+    return FLOW_OBJECTIVE_RECIPES if family == "sd3" else OBJECTIVE_RECIPES
 
 
 def _toy():
@@ -103,7 +138,35 @@ def folder_rewards(folder: Path, reward_fn) -> dict[int, dict]:
     return {k: {**v, "reward": float(np.mean(v["values"]))} for k, v in sorted(per_prompt.items())}
 
 
+def toy_base_dir(settings: DemoSettings) -> Path:
+    """The family's pretrained toy base (cached; trained first when missing)."""
+    _, _, pretrain, _ = _toy()
+    steps = {"steps": settings.pretrain_steps} if settings.pretrain_steps else {}
+    if settings.family == "sd3":
+        from t2ialign.toy.flow_pretrain import get_flow_toy_pipeline
+
+        return get_flow_toy_pipeline(cache=True, **steps)
+    return pretrain.get_toy_pipeline(cache=True, **steps)
+
+
+def sample_toy(config: SampleConfig, records, family: str = "sdxl") -> Path:
+    """``sample()`` of a toy base (the flow toy's T5 length travels in ``config.max_sequence_length``)."""
+    return sample(config, records)
+
+
+def sample_toy_folder(config: SampleConfig, records, family: str = "sdxl") -> str:
+    """``demo_tasks.sample_folder`` through ``sample_toy`` (a worker task: module level, picklable)."""
+    started = time.time()
+    folder = sample_toy(config, records, family)
+    logger.info("sampled %s in %.0f s", folder, time.time() - started)
+    return str(folder)
+
+
 def _sample_config(settings: DemoSettings, base_dir: Path, out: Path, aligned: Optional[Path] = None, **extra) -> SampleConfig:
+    if settings.family == "sd3":  # the flow toy was trained on T5_LENGTH tokens; the pipeline's default is 256
+        from t2ialign.toy.flow_pretrain import T5_LENGTH
+
+        extra.setdefault("max_sequence_length", T5_LENGTH)
     return SampleConfig(
         pretrained=str(base_dir), aligned=str(aligned) if aligned else None, output_dir=str(out), seed=settings.seed,
         num_inference_steps=settings.sample_steps, guidance_scale=settings.guidance_scale, batch_size=64,
@@ -116,7 +179,7 @@ def train_config(settings: DemoSettings, base_dir: Path, pairs_path: Path, objec
     """``objective``'s TrainConfig fragment; ``cache_dir``: train from the pairs' pre-encoded latents there."""
     from t2ialign.objectives import get_objective
 
-    recipe = _recipe(objective)
+    recipe = _recipe(objective, settings.family)
     model = {"pretrained": str(base_dir)}
     if get_objective(recipe["objective"]["name"]).needs_reference and not settings.lora:
         model["reference_dtype"] = "fp32"  # CPU: half-precision kernels are slow there
@@ -133,17 +196,22 @@ def train_config(settings: DemoSettings, base_dir: Path, pairs_path: Path, objec
     }
     if cache_dir is not None:
         config["data"].update(cache_dir=str(cache_dir), cache_dtype=LATENT_CACHE_DTYPE)
+    if settings.family == "sd3":
+        from t2ialign.toy.flow_pretrain import T5_LENGTH
+
+        config["lora"]["target_modules"] = list(FLOW_LORA_TARGETS)
+        config["flow"] = {"max_sequence_length": T5_LENGTH}  # the T5 length the toy was pretrained with
     return config
 
 
-def _recipe(objective: str) -> dict:
-    return OBJECTIVE_RECIPES.get(objective, {"objective": {"name": objective}})
+def _recipe(objective: str, family: str = "sdxl") -> dict:
+    return recipes(family).get(objective, {"objective": {"name": objective}})
 
 
-def uses_latent_cache(objective: str) -> bool:
+def uses_latent_cache(objective: str, family: str = "sdxl") -> bool:
     """Whether ``objective`` trains from the shared latent cache: every recipe without random flips (a cache of
     one augmentation draw is then exactly the image path; DPO's flips would need one draw per epoch)."""
-    data = _recipe(objective).get("data", {})
+    data = _recipe(objective, family).get("data", {})
     return not data.get("random_flip", False) and not data.get("random_crop", False)
 
 
@@ -155,8 +223,8 @@ def latent_cache_config(settings: DemoSettings, base_dir: Path, pairs_path: Path
     The consumers' first objective names the build, so DCPO's per-image captions are stored when it is one."""
     from t2ialign.objectives import get_objective
 
-    consumers = [o for o in settings.objectives if uses_latent_cache(o)]
-    captioned = [o for o in consumers if get_objective(_recipe(o)["objective"]["name"]).per_image_captions]
+    consumers = [o for o in settings.objectives if uses_latent_cache(o, settings.family)]
+    captioned = [o for o in consumers if get_objective(_recipe(o, settings.family)["objective"]["name"]).per_image_captions]
     return train_config(settings, base_dir, pairs_path, (captioned or consumers)[0], cache_dir, 1, cache_dir=cache_dir)
 
 
@@ -185,7 +253,8 @@ def align_with_curve(settings, base_dir, pairs_path, objective, records, reward_
         steps = settings.train_steps if last else chunk * point
         result = train(load_train_config(data=train_config(settings, base_dir, pairs_path, objective, run_dir, steps, cache_dir)))
         prompts = records if last else records[: settings.curve_prompts]
-        folder = sample(_sample_config(settings, base_dir, out / "samples" / f"{objective}-step{steps}", result.export_dir), prompts)
+        folder = sample_toy(_sample_config(settings, base_dir, out / "samples" / f"{objective}-step{steps}", result.export_dir),
+                            prompts, settings.family)
         curve.append({"step": steps, "mean_reward": curve_mean(folder_rewards(folder, reward_fn), settings)})
     return result.export_dir, curve
 
@@ -200,7 +269,7 @@ def _table(rows: list[dict]) -> str:
 def run_demo(settings: DemoSettings) -> dict:
     from t2ialign.toy.demo_tasks import TaskPool
 
-    _, preferences, pretrain, _ = _toy()
+    _, preferences, _, _ = _toy()
     started = time.time()
     # the toy models' kernels are too small to split across threads: one thread is several times
     # faster, and on a busy machine OpenMP spin-waiting would make more threads up to 50x slower;
@@ -210,8 +279,9 @@ def run_demo(settings: DemoSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     preference_name = settings.preference or preferences.DEFAULT_PREFERENCE
     reward_fn = preferences.get_preference(preference_name)
+    check_settings(settings)
 
-    base_dir = pretrain.get_toy_pipeline(cache=True, **({"steps": settings.pretrain_steps} if settings.pretrain_steps else {}))
+    base_dir = toy_base_dir(settings)
     records = held_out_prompts(settings.num_eval_prompts, settings.seed)
     with TaskPool(settings.workers) as pool:
         pairs_path = _build_pairs(pool, settings, base_dir, preference_name, out)
@@ -238,6 +308,20 @@ def run_demo(settings: DemoSettings) -> dict:
     return report
 
 
+def check_settings(settings: DemoSettings) -> None:
+    """Refuse, before any work, what the flow toy cannot run: an objective its trainer refuses (DDIM-InPO), and the
+    RLG sweep, whose sampler (``sample_folder`` in the workers) does not pass the toy's T5 length."""
+    from t2ialign.errors import UserFacingError
+    from t2ialign.objectives import get_objective
+
+    if settings.family != "sd3":
+        return
+    inverting = [o for o in settings.objectives if get_objective(_recipe(o, "sd3")["objective"]["name"]).uses_inversion]
+    if inverting:
+        raise UserFacingError(f"objectives {', '.join(inverting)}: DDIM inversion is defined for epsilon-prediction UNets, "
+                              f"not the rectified-flow (sd3) toy; its objectives: {', '.join(FLOW_OBJECTIVE_RECIPES)}")
+
+
 def _build_pairs(pool, settings: DemoSettings, base_dir: Path, preference_name: str, out: Path) -> Path:
     """The labelled pairs: their images sampled batch by batch in the workers, labelled and written here."""
     from t2ialign.toy.demo_tasks import pair_images
@@ -259,7 +343,7 @@ def _by_cost(settings: DemoSettings) -> list[str]:
     from t2ialign.objectives import get_objective
 
     def rank(objective: str) -> tuple:
-        name = _recipe(objective)["objective"]["name"]
+        name = _recipe(objective, settings.family)["objective"]["name"]
         return (not get_objective(name).uses_inversion, objective != settings.rlg_objective)
 
     return sorted(settings.objectives, key=rank)
@@ -272,7 +356,7 @@ def _start_objectives(pool, settings, base_dir, pairs_path, records, preference_
     def start(objective, cache_dir=None):
         return pool.submit(align_objective, settings, base_dir, pairs_path, objective, records, preference_name, out, cache_dir)
 
-    cached = [o for o in _by_cost(settings) if uses_latent_cache(o)]
+    cached = [o for o in _by_cost(settings) if uses_latent_cache(o, settings.family)]
     cache_dir = pairs_path.parent / LATENT_CACHE_DIR
     shutil.rmtree(cache_dir, ignore_errors=True)  # a cache of earlier pairs in this folder would be resumed, not rebuilt
     build = pool.submit(build_latent_cache, latent_cache_config(settings, base_dir, pairs_path, cache_dir)) if cached else None
@@ -284,9 +368,7 @@ def _start_objectives(pool, settings, base_dir, pairs_path, records, preference_
 
 
 def _start_base_sample(pool, settings, base_dir, records, out):
-    from t2ialign.toy.demo_tasks import sample_folder
-
-    return pool.submit(sample_folder, _sample_config(settings, base_dir, out / "samples" / "base"), records)
+    return pool.submit(sample_toy_folder, _sample_config(settings, base_dir, out / "samples" / "base"), records, settings.family)
 
 
 def _win_row(objective: str, rewards: dict, base_rewards: dict, preference_name: str, seed: int) -> dict:
@@ -370,7 +452,7 @@ def _write_outputs(out, settings, preference_name, rows, curves, rlg, per_model,
                                      "scale": (preference.reward.__doc__ or "").strip().split("\n")[0]}}
     runs = {o: out / "runs" / o for o in curves if (out / "runs" / o / "metrics.jsonl").is_file()}
     files = write_report(str(report_dir), _score_tables(per_model, preference_name), baseline="base",
-                         title=f"t2ialign demo: aligning the toy model to '{preference_name}'", settings=asdict(settings),
+                         title=f"t2ialign demo: aligning the {_family_label(settings)} to '{preference_name}'", settings=asdict(settings),
                          scorer_info=scorer_info, curves=curves, runs=runs, sweep=rlg,
                          curve_label=f"mean {preference_name} reward\n({_curve_prompts_label(settings)})")
     summary = {"preference": preference_name, "results": rows, "reward_over_training": curves, "rlg_sweep": rlg,
@@ -381,3 +463,7 @@ def _write_outputs(out, settings, preference_name, rows, curves, rlg, per_model,
 
 def _curve_prompts_label(settings) -> str:
     return f"first {settings.curve_prompts} held-out prompts" if settings.curve_prompts else "held-out prompts"
+
+
+def _family_label(settings) -> str:
+    return {"sdxl": "toy model", "sd3": "rectified-flow (SD3) toy model"}[settings.family]

@@ -4,7 +4,8 @@ For each prompt the base pipeline draws two images from different noise; the cho
 labels the pair (optionally with Bradley-Terry noise and ties), and the world's captioner describes
 each image as it actually came out (``caption_0`` / ``caption_1``, what DCPO conditions on). The rows
 carry the Pick-a-Pic v2 columns (``docs/DATA.md``) so the ordinary data loader reads them, plus
-``reward_0`` / ``reward_1`` for inspection.
+``reward_0`` / ``reward_1`` for inspection. The base is either toy pipeline: the SDXL-structured one
+(``toy.pretrain``) or the rectified-flow SD3 one (``toy.flow_pretrain``), sampled by its own diffusers class.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from t2ialign.toy.preferences import DEFAULT_PREFERENCE, get_preference, label_p
 logger = logging.getLogger(__name__)
 
 BASE_MODEL_NAME = "toy-base"
+FLOW_BASE_MODEL_NAME = "toy-sd3-base"
 PARQUET_NAME = "train.parquet"
 DISK_DIR_NAME = "hf_dataset"
 INFO_NAME = "pairs_info.json"
@@ -35,15 +37,41 @@ DEFAULT_GUIDANCE = 4.0
 
 
 def load_toy_pipeline(base: Optional[str | Path] = None):
-    """The base toy pipeline on CPU (pretrained and cached on first use when ``base`` is None)."""
-    from diffusers import StableDiffusionXLPipeline
+    """The base toy pipeline on CPU (the SDXL toy, pretrained and cached on first use, when ``base`` is None).
+
+    Any toy base directory: the SDXL one (``toy.pretrain``) or the SD3 one (``toy.flow_pretrain``); its
+    model_index.json names the pipeline class."""
+    from diffusers import DiffusionPipeline
 
     from t2ialign.toy.pretrain import get_toy_pipeline
 
     directory = Path(base) if base is not None else get_toy_pipeline()
-    pipeline = StableDiffusionXLPipeline.from_pretrained(directory)
+    pipeline = DiffusionPipeline.from_pretrained(directory)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def is_flow_pipeline(pipeline) -> bool:
+    """Whether ``pipeline`` is a rectified-flow toy base (a transformer instead of a UNet)."""
+    return getattr(pipeline, "transformer", None) is not None
+
+
+def toy_call_kwargs(pipeline) -> dict:
+    """Extra ``__call__`` arguments of a toy pipeline: the SD3 toy reads ``flow_pretrain.T5_LENGTH`` T5 tokens
+    (trained so; the pipeline's default 256 would condition it on padding it never saw)."""
+    if not is_flow_pipeline(pipeline):
+        return {}
+    from t2ialign.toy.flow_pretrain import T5_LENGTH
+
+    return {"max_sequence_length": T5_LENGTH}
+
+
+def base_model_name(base: Optional[str | Path]) -> str:
+    """The pairs' ``model_0`` / ``model_1``: which toy base drew them."""
+    if base is None or not (Path(base) / "model_index.json").is_file():
+        return BASE_MODEL_NAME
+    class_name = json.loads((Path(base) / "model_index.json").read_text()).get("_class_name")
+    return FLOW_BASE_MODEL_NAME if class_name == "StableDiffusion3Pipeline" else BASE_MODEL_NAME
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -87,6 +115,7 @@ def sample_toy_images(
             guidance_scale=guidance_scale,
             generator=torch.Generator().manual_seed(batch_seed(seed, index)),
             output_type="pt",
+            **toy_call_kwargs(pipeline),
         )
         # contiguous: the pipeline returns channels-last tensors, and a reward's reductions over another memory
         # layout (e.g. the copy another process sends back) can differ in the last bit
@@ -115,6 +144,7 @@ def _pickapic_rows(
     rewards: tuple[Tensor, Tensor],
     image_format: str,
     seed: int,
+    model_name: str = BASE_MODEL_NAME,
 ) -> dict[str, list]:
     """Column-major rows in the Pick-a-Pic v2 schema (+ DCPO captions, + rewards)."""
     ids = np.random.default_rng(seed)
@@ -134,7 +164,7 @@ def _pickapic_rows(
             "created_at": start + timedelta(seconds=i), "has_label": True,
             "image_0_uid": uid_0, "image_0_url": "", "image_1_uid": uid_1, "image_1_url": "",
             "jpg_0": image_bytes(images_0[i], image_format), "jpg_1": image_bytes(images_1[i], image_format),
-            "label_0": label_0, "label_1": 1.0 - label_0, "model_0": BASE_MODEL_NAME, "model_1": BASE_MODEL_NAME,
+            "label_0": label_0, "label_1": 1.0 - label_0, "model_0": model_name, "model_1": model_name,
             "ranking_id": i, "user_id": 0, "num_example_per_prompt": 1,
             "caption_0": described_0[i], "caption_1": described_1[i],
             "reward_0": float(rewards[0][i]), "reward_1": float(rewards[1][i]),
@@ -178,7 +208,8 @@ def build_preference_pairs(
     batch_size: int = 256,
     images: Optional[Tensor] = None,
 ) -> Path:
-    """Sample pairs from the toy pipeline at ``base`` (default: the cached one), label, write them.
+    """Sample pairs from the toy pipeline at ``base`` (default: the cached SDXL toy; an SD3 toy base from
+    ``toy.flow_pretrain`` works alike), label, write them.
 
     Returns the path of ``out_dir/train.parquet`` (``datasets.load_dataset("parquet", data_files=...)``
     reads it); ``out_dir`` also gets ``pairs_info.json`` (settings, label statistics) and, with
@@ -204,7 +235,8 @@ def build_preference_pairs(
     rewards_0, rewards_1, labels = label_pairs(
         chosen, images_0, images_1, prompts, temperature=label_noise, tie_margin=tie_margin, generator=generator
     )
-    columns = _pickapic_rows(prompts, images_0, images_1, labels, (rewards_0, rewards_1), image_format, seed)
+    columns = _pickapic_rows(prompts, images_0, images_1, labels, (rewards_0, rewards_1), image_format, seed,
+                             base_model_name(base))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = datasets.Dataset.from_dict(columns)

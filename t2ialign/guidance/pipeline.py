@@ -58,7 +58,10 @@ def load_aligned_into(base_pipe, aligned: Union[str, Path, nn.Module]) -> Option
         if is_lora_model(base):
             raise RLGError(f"the base pipeline's {name} already carries LoRA adapters (base = all adapters off would "
                            "be ambiguous); load a fresh base pipeline for each LoRA to guide with")
-        base_pipe.load_lora_weights(str(directory), adapter_name=RLG_ADAPTER_NAME)
+        from t2ialign.models.lora import quiet_text_encoder_notice
+
+        with quiet_text_encoder_notice():
+            base_pipe.load_lora_weights(str(directory), adapter_name=RLG_ADAPTER_NAME)
         if not is_lora_model(base):
             raise RLGError(f"the LoRA in {directory} adapts no layer of {type(base_pipe).__name__}'s {name}: guide a base "
                            "pipeline with a LoRA trained on it")

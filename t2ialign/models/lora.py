@@ -146,6 +146,21 @@ def save_transformer_lora_weights(transformer, output_dir, family: str, adapter_
     return output_dir
 
 
+@contextlib.contextmanager
+def quiet_text_encoder_notice():
+    """``load_lora_weights`` of an SD3 / FLUX pipeline warns once per text encoder that a transformer-only LoRA
+    (every t2ialign export) has no keys for it; that is expected, so the notice is held back while loading."""
+    import logging
+
+    lora_logger = logging.getLogger("diffusers.loaders.lora_base")
+    level = lora_logger.level
+    lora_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lora_logger.setLevel(level)
+
+
 # ---------------------------------------------------------------- kohya / A1111 / ComfyUI format
 
 KOHYA_SUFFIX = "_kohya.safetensors"

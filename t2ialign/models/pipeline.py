@@ -142,7 +142,10 @@ def load_pipeline(pretrained: str, *, aligned: Optional[str] = None, dtype=torch
     if kind is not None:
         check_same_family(pipe, aligned)
     if kind == "lora":
-        pipe.load_lora_weights(str(aligned_dir))
+        from t2ialign.models.lora import quiet_text_encoder_notice
+
+        with quiet_text_encoder_notice():
+            pipe.load_lora_weights(str(aligned_dir))
     if scheduler:
         pipe.scheduler = _scheduler_by_name(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -22,7 +22,7 @@ pairs a Pick-a-Pic-schema parquet, each run a normal training output with its co
 --family sd3 runs the same steps on a rectified-flow base instead: a tiny StableDiffusion3Pipeline (MMDiT
 transformer, CLIP-L/G + T5, the SDXL toy's VAE) pretrained with flow matching on the same world on first
 use (a few CPU minutes, then cached), aligned with DPO, MaPO, DCPO and SFT through the flow trainer
-(DDIM-InPO inverts a UNet and has no flow version). No RL-guidance sweep for it yet."""
+(DDIM-InPO inverts a UNet and has no flow version), with the same RL-guidance sweep."""
 
 
 def register(subparsers) -> None:

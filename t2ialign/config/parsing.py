@@ -89,7 +89,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         full = f"{prefix}{key}"
         if not isinstance(key, str) or key not in fields:
-            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}; allowed: {', '.join(fields)}")
+            shown = f"'{full}'" if full.isprintable() else repr(full)  # a key with a newline stays on the error's one line
+            raise ConfigError(f"unknown config key {shown}{_suggest(str(key), fields)}; allowed: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, prefix=f"{full}.")

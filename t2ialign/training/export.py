@@ -48,7 +48,7 @@ def export_model(unet, components, config: TrainConfig, export_dir: Path) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     family = getattr(components, "family", "sdxl" if components.is_sdxl else "sd")
-    if components.is_flow:
+    if getattr(components, "is_flow", False):
         kind, load_hint = _export_flow(unet, family, tmp)
     elif is_lora_model(unet):
         save_lora_weights(unet, tmp / "lora", is_sdxl=components.is_sdxl)

@@ -332,3 +332,18 @@ def test_scorer_and_cache_benchmarks_report_their_rows():
     kinds = {r["what"] for r in cache["results"]}
     assert {"read", "getitem"} <= kinds
     assert all(r["pairs_per_s"] > 0 for r in cache["results"] if r["what"] == "read")
+
+
+def test_flow_estimate_on_fake_tensors_equals_real_tensors(bench):
+    """The SD3.5 / FLUX estimate (flow_preference_step on fake tensors) counts the same bytes a real run holds, on the
+    tiny flow configs, with a cache (transformer only) and without one (text encoders and VAE resident too)."""
+    common = ["--tiny", "--estimate-memory", "--json", "--model", "sd35-medium,flux-dev", "--lora-rank", "8",
+              "--cache", "both", "--micro-batch", "1"]
+    fake = bench.main(common)["rows"]
+    real = bench.main([*common, "--real-tensors"])["rows"]
+    assert len(fake) == len(real) == 4
+    for f, r in zip(fake, real):
+        assert f["peak_bytes"] == r["peak_bytes"] > 0, (f.get("model"), f.get("cache"), f.get("mode"))
+    with_cache = {(row["model"], row["mode"]): row["peak_bytes"] for row in fake if row["cache"] in (True, "yes")}
+    without = {(row["model"], row["mode"]): row["peak_bytes"] for row in fake if row["cache"] in (False, "no")}
+    assert all(without[key] > with_cache[key] for key in with_cache)  # the frozen encoders add to the peak

@@ -159,3 +159,7 @@ def test_demo_refuses_inpo_on_the_flow_toy_and_the_cli_takes_the_family(tmp_path
     assert args.family == "sd3"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--family", "flux"])
+    args = build_parser().parse_args(["toy", "pretrain", "--family", "sd3", "--steps", "3"])
+    assert (args.family, args.steps) == ("sd3", 3)
+    with pytest.raises(UserFacingError, match="only the sdxl toy base ships"):
+        args.func(build_parser().parse_args(["toy", "pretrain", "--family", "sd3", "--verify-shipped"]))

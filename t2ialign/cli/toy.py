@@ -54,6 +54,10 @@ def _register_pretrain(toy_commands) -> None:
                         f"{defaults.vae_steps} steps scaled by the same ratio")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for the data and the weights")
     parser.add_argument("--force", action="store_true", help="retrain even if a cached pipeline exists")
+    parser.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl",
+                        help="sdxl (UNet, default) or sd3: a StableDiffusion3Pipeline whose transformer is trained with "
+                        "rectified flow, reusing the sdxl toy's VAE and CLIP encoders (what `t2ialign demo --family sd3` "
+                        "uses); --steps then counts transformer steps")
     parser.add_argument("--export-shipped", type=Path, metavar="DIR", default=None,
                         help="pretrain from scratch (one thread) and write the package's shipped base into DIR: "
                         "fp16 UNet/VAE weights and manifest.json (what t2ialign/toy/base holds)")
@@ -110,12 +114,32 @@ def run_pretrain(args) -> int:
     if args.steps < 1:
         raise UserFacingError(f"--steps must be at least 1, got {args.steps}")
     config = replace(PretrainConfig(), seed=args.seed).with_steps(args.steps)
+    if args.family == "sd3":
+        return _pretrain_flow(args)
     if args.verify_shipped or args.export_shipped is not None:
         return _shipped_base(args, config)
     if args.out is not None:
         directory = pretrain_toy_pipeline(args.out, config)
     else:
         directory = get_toy_pipeline(config=config, force=args.force)
+    print(directory)
+    return 0
+
+
+def _pretrain_flow(args) -> int:
+    from dataclasses import replace
+
+    from t2ialign.errors import UserFacingError
+    from t2ialign.toy.flow_pretrain import FlowPretrainConfig, get_flow_toy_pipeline, pretrain_flow_pipeline
+
+    if args.verify_shipped or args.export_shipped is not None:
+        raise UserFacingError("--verify-shipped / --export-shipped: only the sdxl toy base ships with the package; "
+                              "the sd3 toy is pretrained on first use and cached")
+    config = replace(FlowPretrainConfig(), seed=args.seed).with_steps(args.steps)
+    if args.out is not None:
+        directory = pretrain_flow_pipeline(args.out, config)
+    else:
+        directory = get_flow_toy_pipeline(config=config, force=args.force)
     print(directory)
     return 0
 

@@ -296,3 +296,15 @@ def test_flow_dpo_defaults_to_the_flow_dpo_beta_and_an_explicit_beta_wins():
         assert objective_params(spec, None, {})["beta"] == 5000.0  # the UNet families keep Diffusion-DPO's
         assert objective_params(spec, 250.0, {}, flow=True)["beta"] == 250.0
     assert objective_params(get_objective("mapo"), None, {}, flow=True)["beta"] == 0.1  # MaPO's carries over
+
+
+def test_other_transformer_pipelines_are_refused_in_one_line(tmp_path):
+    from t2ialign.errors import UserFacingError
+    from t2ialign.models.loading import load_components
+
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
+    with pytest.raises(UserFacingError, match="is a PixArtAlphaPipeline; t2ialign trains UNet pipelines .*StableDiffusion3Pipeline") as error:
+        load_components(str(tmp_path))
+    assert "\n" not in str(error.value)

@@ -25,6 +25,7 @@ import torch
 from torch.distributed._tools.mem_tracker import _MemRefType
 
 from bench_train_memory import (
+    BREAKDOWN_HEADER, breakdown_cells, estimate_title,
     ALLOCATOR_SLACK, GIB, StepMemTracker, _by_category, _create_optimizer_states, _offload_optimizer_class,
     _offloaded_tensors, _tracked_optimizer_step, cuda_autocast_policy, fake_tensors,
 )
@@ -257,22 +258,9 @@ def estimate_flow_row(args, model: str, objective: str, lora_rank: int, cached: 
 
 
 def format_flow_estimate_table(report: dict) -> str:
-    slack = round(100 * (report["allocator_slack"] - 1))
-    title = (f"flow models, {report['resolution']} px, torch {report['torch']}: peak tensor GiB of one optimizer step "
-             f"(+slack: +{slack}% allocator fragmentation; CUDA context and workspaces not included). Breakdown at the peak:")
-    header = (f"{'model':11s} {'cache':5s} {'objective':9s} {'mode':8s} {'B':>2s} {'ckpt':>9s} {'optimizer':>14s} "
-              f"{'peak GiB':>8s} {'+slack':>6s} | {'params':>6s} {'grads':>6s} {'optim':>6s} {'activ':>6s} {'temps':>6s} "
-              f"{'other':>5s} | {'host':>5s} {'s':>4s}")
-    lines = [title, header]
+    lines = [estimate_title(report, "flow models"),
+             f"{'model':11s} {'cache':5s} {'objective':9s} {'mode':8s} {'B':>2s} " + BREAKDOWN_HEADER]
     for r in report["rows"]:
-        at_peak = {k: v / GIB for k, v in r["peak_breakdown_bytes"].items()}
-        ckpt = r["checkpointing_mode"] if r["checkpointing"] else "no"
-        optimizer = r["optimizer"] + ("+offload" if r["offload"] else "")
-        lines.append(
-            f"{r['model']:11s} {'yes' if r['cache'] else 'no':5s} {r['objective']:9s} {r['mode']:8s} {r['micro_batch']:2d} "
-            f"{ckpt:>9s} {optimizer:>14s} {r['peak_gib']:8.2f} {r['peak_gib_with_slack']:6.2f} | "
-            f"{at_peak['parameters'] + at_peak['buffers']:6.2f} {at_peak['gradients']:6.2f} {at_peak['optimizer_states']:6.2f} "
-            f"{at_peak['activations']:6.2f} {at_peak['temps']:6.2f} {at_peak['other']:5.2f} | "
-            f"{r['host_peak_bytes'] / GIB:5.1f} {r['estimate_s']:4.0f}"
-        )
+        lines.append(f"{r['model']:11s} {'yes' if r['cache'] else 'no':5s} {r['objective']:9s} {r['mode']:8s} "
+                     f"{r['micro_batch']:2d} " + breakdown_cells(r))
     return "\n".join(lines)

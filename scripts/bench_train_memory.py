@@ -251,21 +251,29 @@ def estimate_meta(meta: dict, args) -> dict:
     }
 
 
-def format_estimate_table(report: dict) -> str:
-    slack = round(100 * (report["allocator_slack"] - 1))
-    title = (f"{report['unet']}, {report['resolution']} px, torch {report['torch']}: peak tensor GiB of one optimizer step "
-             f"(+slack: +{slack}% allocator fragmentation; CUDA context and workspaces not included). Breakdown at the peak:")
-    header = (f"{'objective':9s} {'mode':9s} {'B':>2s} {'ckpt':>9s} {'optimizer':>14s} {'peak GiB':>8s} {'+slack':>6s} | "
-              f"{'params':>6s} {'grads':>6s} {'optim':>6s} {'activ':>6s} {'temps':>6s} {'other':>5s} | {'host':>5s} {'s':>4s}")
-    lines = [title, header]
-    for r in report["rows"]:
-        at_peak = {k: v / GIB for k, v in r["peak_breakdown_bytes"].items()}
-        ckpt = r["checkpointing_mode"] if r["checkpointing"] else "no"
-        optimizer = r["optimizer"] + ("+offload" if r["offload"] else "")
-        lines.append(
-            f"{r['objective']:9s} {r['mode']:9s} {r['micro_batch']:2d} {ckpt:>9s} {optimizer:>14s} {r['peak_gib']:8.2f} "
-            f"{r['peak_gib_with_slack']:6.2f} | {at_peak['parameters'] + at_peak['buffers']:6.2f} {at_peak['gradients']:6.2f} "
+BREAKDOWN_HEADER = (f"{'ckpt':>9s} {'optimizer':>14s} {'peak GiB':>8s} {'+slack':>6s} | {'params':>6s} {'grads':>6s} "
+                    f"{'optim':>6s} {'activ':>6s} {'temps':>6s} {'other':>5s} | {'host':>5s} {'s':>4s}")
+
+
+def breakdown_cells(r: dict) -> str:
+    """The columns every estimate table shares (checkpointing .. seconds), for one row."""
+    at_peak = {k: v / GIB for k, v in r["peak_breakdown_bytes"].items()}
+    ckpt = r["checkpointing_mode"] if r["checkpointing"] else "no"
+    optimizer = r["optimizer"] + ("+offload" if r["offload"] else "")
+    return (f"{ckpt:>9s} {optimizer:>14s} {r['peak_gib']:8.2f} {r['peak_gib_with_slack']:6.2f} | "
+            f"{at_peak['parameters'] + at_peak['buffers']:6.2f} {at_peak['gradients']:6.2f} "
             f"{at_peak['optimizer_states']:6.2f} {at_peak['activations']:6.2f} {at_peak['temps']:6.2f} {at_peak['other']:5.2f} | "
-            f"{r['host_peak_bytes'] / GIB:5.1f} {r['estimate_s']:4.0f}"
-        )
+            f"{r['host_peak_bytes'] / GIB:5.1f} {r['estimate_s']:4.0f}")
+
+
+def estimate_title(report: dict, what: str) -> str:
+    slack = round(100 * (report["allocator_slack"] - 1))
+    return (f"{what}, {report['resolution']} px, torch {report['torch']}: peak tensor GiB of one optimizer step "
+            f"(+slack: +{slack}% allocator fragmentation; CUDA context and workspaces not included). Breakdown at the peak:")
+
+
+def format_estimate_table(report: dict) -> str:
+    lines = [estimate_title(report, report["unet"]), f"{'objective':9s} {'mode':9s} {'B':>2s} " + BREAKDOWN_HEADER]
+    for r in report["rows"]:
+        lines.append(f"{r['objective']:9s} {r['mode']:9s} {r['micro_batch']:2d} " + breakdown_cells(r))
     return "\n".join(lines)

@@ -42,7 +42,7 @@ from t2ialign.toy.pretrain import (
     PretrainConfig,
     ProgressFn,
     _cosine_lr,
-    _ema_update,
+    update_with_ema,
     _log_progress,
     _set_lr,
     cache_root,
@@ -191,11 +191,7 @@ def train_transformer(transformer, scheduler, latents: tuple[Tensor, Tensor], ca
         prediction = flow_velocity(FAMILY, transformer, noisy, timesteps_table[drawn], embeds)
         weights = flow_loss_weights(sampling, sigmas_table[drawn]).view(-1, 1, 1, 1)
         loss = (weights * (prediction - (noise - x0)).pow(2)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _ema_update(average, [p.detach() for p in params], min(cfg.ema_decay, (1 + step) / (10 + step)))
+        update_with_ema(loss, params, optimizer, average, step, cfg.ema_decay)
         recent = (recent + [loss.item()])[-50:]
         progress("transformer", step + 1, cfg.steps, recent[-1])
     with torch.no_grad():

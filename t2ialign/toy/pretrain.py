@@ -189,6 +189,16 @@ def caption_embedding_table(components: dict, captions: list[str]):
     return encode_prompts((encoders, tokenizers, True), captions)
 
 
+def update_with_ema(loss: Tensor, params: list, optimizer, average: list[Tensor], step: int, ema_decay: float) -> None:
+    """One clipped optimizer step on ``loss``, then the EMA of ``params`` (shared by the UNet and flow toys)."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # warm-up of the EMA so early weights do not dominate a short run
+    _ema_update(average, [p.detach() for p in params], min(ema_decay, (1 + step) / (10 + step)))
+
+
 def _ema_update(average: list[Tensor], params: list[Tensor], decay: float) -> None:
     with torch.no_grad():
         torch._foreach_lerp_(average, params, 1.0 - decay)
@@ -228,12 +238,7 @@ def train_unet(unet, latents: tuple[Tensor, Tensor], caption_index: Tensor, tabl
             added_cond_kwargs={"text_embeds": table.pooled_prompt_embeds[rows], "time_ids": time_ids},
         ).sample
         loss = (prediction - noise).pow(2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # warm-up of the EMA so early weights do not dominate a short run
-        _ema_update(average, [p.detach() for p in params], min(cfg.ema_decay, (1 + step) / (10 + step)))
+        update_with_ema(loss, params, optimizer, average, step, cfg.ema_decay)
         recent = (recent + [loss.item()])[-50:]
         progress("unet", step + 1, cfg.unet_steps, recent[-1])
     with torch.no_grad():

@@ -144,7 +144,7 @@ def test_flow_exports_load_with_diffusers(flow_dirs, pickapic_parquet, tmp_path,
     family's pipeline gives the trained adapter's outputs."""
     from diffusers import DiffusionPipeline
 
-    from t2ialign.models.loading import load_transformer
+    from t2ialign.models.flow_loading import load_transformer
 
     full, _ = train_flow(flow_config(flow_dirs[family], pickapic_parquet, tmp_path / "full"))
     reloaded = load_transformer(str(full.export_dir / "transformer"), family)

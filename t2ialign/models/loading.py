@@ -35,15 +35,6 @@ _NOT_FOUND_ERRORS = (OSError, ValueError, _EntryNotFoundError)
 UNET_FAMILIES = ("sd", "sdxl")
 FLOW_FAMILIES = ("sd3", "flux")
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-# the pipeline class of each flow family and the text slots of its model_index.json, in its encode_prompt order
-FLOW_TEXT_SLOTS = {
-    "sd3": (("text_encoder", "tokenizer", "CLIPTextModelWithProjection"),
-            ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
-            ("text_encoder_3", "tokenizer_3", "T5EncoderModel")),
-    "flux": (("text_encoder", "tokenizer", "CLIPTextModel"), ("text_encoder_2", "tokenizer_2", "T5EncoderModel")),
-}
-FLOW_TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
-
 
 @dataclass
 class DiffusionComponents:
@@ -353,7 +344,9 @@ def load_components(
     family = pipeline_family(index, pretrained)
     hub = dict(revision=revision, local_files_only=local_files_only)
     if family in FLOW_FAMILIES:
-        return _load_flow_components(
+        from t2ialign.models.flow_loading import load_flow_components
+
+        return load_flow_components(
             index, location, pretrained, family, vae=vae, dtype=dtype, device=device, variant=variant,
             load_denoiser=load_unet, load_vae=load_vae, load_text_encoders=load_text_encoders,
             load_tokenizers=load_text_encoders if load_tokenizers is None else load_tokenizers,
@@ -385,58 +378,6 @@ def load_components(
         source=pretrained,
         vae_config=vae_config,
         family=family,
-    )
-
-
-def load_transformer(pretrained_or_dir: str, family: str, *, subfolder: Optional[str] = None, dtype=torch.float32,
-                     device="cpu", revision=None, variant=None, local_files_only: bool = False):
-    """A flow transformer (SD3Transformer2DModel / FluxTransformer2DModel) from a pipeline's ``transformer/`` or a
-    bare export directory (a training run's ``final/transformer``)."""
-    import diffusers
-
-    cls = getattr(diffusers, FLOW_TRANSFORMERS[family])
-    return _load_model(cls, "transformer", "transformer", pretrained_or_dir, subfolder, hub_uses_subfolder=True,
-                       dtype=dtype, device=device, revision=revision, variant=variant,
-                       local_files_only=local_only(local_files_only))
-
-
-def _flow_text_slots(index, location, family, *, dtype, device, revision, variant, local_files_only,
-                     load_encoders, load_tokenizers) -> dict:
-    slots = {}
-    for encoder_name, tokenizer_name, default_class in FLOW_TEXT_SLOTS[family]:
-        present = _has_component(index, encoder_name)
-        slots[encoder_name] = slots[tokenizer_name] = None
-        if present and load_tokenizers:
-            slots[tokenizer_name] = _load_tokenizer(location, tokenizer_name, revision=revision,
-                                                    local_files_only=local_files_only)
-        if present and load_encoders:
-            slots[encoder_name] = _load_text_encoder(
-                _transformers_class(index, encoder_name, default_class), location, encoder_name, dtype=dtype,
-                device=device, revision=revision, variant=variant, local_files_only=local_files_only)
-    return slots
-
-
-def _load_flow_components(index, location, pretrained, family, *, vae, dtype, device, variant, revision,
-                          local_files_only, load_denoiser, load_vae, load_text_encoders, load_tokenizers, frozen_dtype,
-                          denoiser_dtype):
-    hub = dict(revision=revision, local_files_only=local_files_only)
-    noise_scheduler = load_noise_scheduler(pretrained, family=family, **hub)
-    transformer = None
-    if load_denoiser:
-        transformer = load_transformer(location if Path(location).is_dir() else pretrained, family, subfolder="transformer",
-                                       dtype=denoiser_dtype, device=device, variant=variant, **hub)
-    vae_dtype = dtype if frozen_dtype == torch.float16 else frozen_dtype  # as SDXL's: fp16 VAEs overflow
-    vae_model = _load_vae_for(location, vae, dtype=vae_dtype, device=device, variant=variant, **hub) if load_vae else None
-    vae_config = dict(vae_model.config) if vae_model is not None else _vae_config_or_none(location, vae, **hub)
-    slots = _flow_text_slots(index, location, family, dtype=frozen_dtype, device=device, variant=variant,
-                             load_encoders=load_text_encoders, load_tokenizers=load_tokenizers, **hub)
-    names = FLOW_TEXT_SLOTS[family]
-    return DiffusionComponents(
-        unet=None, vae=vae_model,
-        text_encoders=[slots[e] for e, _, _ in names if slots[e] is not None],
-        tokenizers=[slots[t] for _, t, _ in names if slots[t] is not None],
-        noise_scheduler=noise_scheduler, is_sdxl=False, prediction_type="flow", source=pretrained,
-        vae_config=vae_config, family=family, transformer=transformer, text_slots=slots,
     )
 
 
